@@ -1,0 +1,134 @@
+"""The ModelSpec: the `model.json` contract between the export step and the service.
+
+The service reads only this file and the ONNX graphs beside it, so everything needed to feed a
+graph (patch size, native grid, the resize policy the weights were trained with, the labels)
+travels with the weights and cannot drift from training. The export step writes it; the service
+never imports the export code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SPEC_FILENAME = "model.json"
+GRAPH_FILENAME = "model.onnx"
+ROLLOUT_GRAPH_FILENAME = "model.rollout.onnx"
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Architecture(_Frozen):
+    """The shape of the network: what a grid of patches must look like to enter it."""
+
+    patch_size: int = Field(gt=0)
+    channels: Literal[3] = 3
+    grid: tuple[int, int] = Field(description="native (grid_h, grid_w) the weights were trained at")
+    embed_dim: int = Field(gt=0)
+    depth: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    num_classes: int = Field(gt=0)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.channels
+
+    @property
+    def native_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The (height, width) in pixels of the native grid."""
+        return self.grid[0] * self.patch_size, self.grid[1] * self.patch_size
+
+
+class Preprocess(_Frozen):
+    """The resize policy the weights were trained with (the `crop` policy reproduces it)."""
+
+    resize_mode: Literal["shorter_side", "squash"] = Field(
+        default="shorter_side",
+        description="shorter_side: scale the shorter side to input/crop_pct, then centre-crop "
+        "(timm, torchvision); squash: resize both sides straight to the input size (Hugging Face)",
+    )
+    crop_pct: float = Field(default=1.0, gt=0.0, le=1.0)
+    interpolation: Interpolation = "bilinear"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+class TensorSpec(_Frozen):
+    name: str
+    dtype: Literal["uint8", "float32", "float16"]
+    shape: list[str | int]
+
+
+class Source(_Frozen):
+    framework: str = Field(description="where the weights came from: vit-serve, timm, ...")
+    checkpoint: str = ""
+    notes: str = ""
+
+
+class GraphFiles(_Frozen):
+    """sha256 of each graph file of one version, checked when the version is loaded."""
+
+    model: str = Field(description="sha256 of model.onnx")
+    rollout: str | None = Field(default=None, description="sha256 of model.rollout.onnx")
+
+
+class ModelSpec(_Frozen):
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    architecture: Architecture
+    preprocess: Preprocess
+    labels: list[str]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    source: Source
+    versions: dict[int, GraphFiles] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_not_empty(cls, labels: list[str]) -> list[str]:
+        if not labels:
+            raise ValueError("labels must not be empty")
+        return labels
+
+    @model_validator(mode="after")
+    def _labels_match_classes(self) -> ModelSpec:
+        if len(self.labels) != self.architecture.num_classes:
+            raise ValueError(
+                f"{len(self.labels)} labels for {self.architecture.num_classes} classes"
+            )
+        return self
+
+    @property
+    def input_name(self) -> str:
+        return self.inputs[0].name
+
+    @classmethod
+    def load(cls, path: Path) -> ModelSpec:
+        return cls.model_validate(json.loads(path.read_text()))
+
+    def dump(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+
+
+def contract_tensors(
+    arch: Architecture,
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph inputs and outputs the ONNX contract fixes for an architecture."""
+    inputs = [
+        TensorSpec(
+            name="patches", dtype="uint8", shape=["batch", "grid_h", "grid_w", arch.patch_dim]
+        )
+    ]
+    outputs = [TensorSpec(name="logits", dtype="float32", shape=["batch", arch.num_classes])]
+    return inputs, outputs
