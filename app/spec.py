@@ -67,7 +67,7 @@ class Preprocess(_Frozen):
 
 class TensorSpec(_Frozen):
     name: str
-    dtype: Literal["uint8", "float32", "float16"]
+    dtype: Literal["uint8", "int64", "float32", "float16"]
     shape: list[str | int]
 
 
@@ -84,6 +84,16 @@ class GraphFiles(_Frozen):
     rollout: str | None = Field(default=None, description="sha256 of model.rollout.onnx")
 
 
+class RolloutGraph(_Frozen):
+    """The rollout graph's contract: same weights, a `rollout` output, two extra inputs."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    head_fusions: list[str] = Field(
+        default=["mean", "max", "min"], description="the `head_fusion` input's values, in order"
+    )
+
+
 class ModelSpec(_Frozen):
     name: str = Field(pattern=MODEL_NAME_PATTERN)
     architecture: Architecture
@@ -91,6 +101,7 @@ class ModelSpec(_Frozen):
     labels: list[str]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    rollout: RolloutGraph | None = None
     source: Source
     versions: dict[int, GraphFiles] = Field(default_factory=dict)
 
@@ -132,3 +143,19 @@ def contract_tensors(
     ]
     outputs = [TensorSpec(name="logits", dtype="float32", shape=["batch", arch.num_classes])]
     return inputs, outputs
+
+
+def rollout_contract(arch: Architecture) -> RolloutGraph:
+    """The rollout graph's inputs and outputs for an architecture."""
+    inputs, outputs = contract_tensors(arch)
+    return RolloutGraph(
+        inputs=[
+            *inputs,
+            TensorSpec(name="head_fusion", dtype="int64", shape=[]),
+            TensorSpec(name="discard_ratio", dtype="float32", shape=[]),
+        ],
+        outputs=[
+            *outputs,
+            TensorSpec(name="rollout", dtype="float32", shape=["batch", "grid_h", "grid_w"]),
+        ],
+    )

@@ -18,8 +18,11 @@ from export.onnx_export import PARITY_ATOL, ParityError, export_to_repository
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", type=Path, required=True, help="a vit-serve checkpoint (.pt)")
     p.add_argument("--name", required=True, help=f"model name, {MODEL_NAME_PATTERN}")
     p.add_argument("--repo", type=Path, default=Path("model_repo"), help="model repository root")
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             preprocess=loaded.preprocess,
             source=Source(
                 framework="vit-serve", checkpoint=args.checkpoint.name, notes=loaded.source
-            ),  # fmt: skip
+            ),
             version=args.version,
             atol=args.atol,
         )

@@ -66,5 +66,6 @@ def load_checkpoint(path: Path) -> LoadedViT:
         mean=cfg.mean,
         std=cfg.std,
     )
-    return LoadedViT(model=model, labels=list(data["labels"]), preprocess=preprocess,
-                     source=str(data["source"]))  # fmt: skip
+    return LoadedViT(
+        model=model, labels=list(data["labels"]), preprocess=preprocess, source=str(data["source"])
+    )

@@ -21,6 +21,7 @@ import torch
 
 from app.spec import (
     GRAPH_FILENAME,
+    ROLLOUT_GRAPH_FILENAME,
     SPEC_FILENAME,
     Architecture,
     GraphFiles,
@@ -28,13 +29,19 @@ from app.spec import (
     Preprocess,
     Source,
     contract_tensors,
+    rollout_contract,
 )
+from export.rollout import HeadFusion, RolloutViT
 from export.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
 PARITY_ATOL = 1e-4
+ROLLOUT_ATOL = 1e-5
+# Discarding is a threshold: entries within float error of it may fall either side in the two
+# runtimes, so the strict check runs without it (tests/export/test_rollout.py covers it).
+PARITY_DISCARD_RATIOS = (0.0,)
 
 
 class ParityError(RuntimeError):
@@ -84,7 +91,7 @@ def export_graph(model: VisionTransformer, path: Path, opset: int = OPSET) -> No
             dynamic_axes={
                 "patches": {0: "batch", 1: "grid_h", 2: "grid_w"},
                 "logits": {0: "batch"},
-            },  # fmt: skip
+            },
             opset_version=opset,
             dynamo=False,
         )
@@ -110,6 +117,67 @@ def check_parity(
             expected = model(patches).numpy()
         (got,) = session.run(["logits"], {"patches": patches.numpy()})
         report.max_abs_diff[f"{gh}x{gw}"] = float(np.abs(expected - got).max())
+    return report
+
+
+def export_rollout_graph(model: VisionTransformer, path: Path, opset: int = OPSET) -> None:
+    """The same weights with a `rollout` output; head fusion and discard ratio are inputs."""
+    cfg = model.cfg
+    gh, gw = cfg.grid
+    example = (
+        torch.randint(0, 256, (2, gh, gw, cfg.patch_dim), dtype=torch.uint8),
+        torch.tensor(int(HeadFusion.MEAN), dtype=torch.int64),
+        torch.tensor(0.0, dtype=torch.float32),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            RolloutViT(model).eval(),
+            example,
+            str(path),
+            input_names=["patches", "head_fusion", "discard_ratio"],
+            output_names=["logits", "rollout"],
+            dynamic_axes={
+                "patches": {0: "batch", 1: "grid_h", 2: "grid_w"},
+                "logits": {0: "batch"},
+                "rollout": {0: "batch", 1: "grid_h", 2: "grid_w"},
+            },
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+def check_rollout_parity(
+    model: VisionTransformer,
+    graph: Path,
+    grids: list[tuple[int, int]],
+    atol: float = ROLLOUT_ATOL,
+    batch: int = 2,
+    seed: int = 0,
+) -> ParityReport:
+    """Max |rollout_torch - rollout_onnx| per grid, over every head fusion."""
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(seed)
+    wrapper = RolloutViT(model).eval()
+    report = ParityReport(atol=atol)
+    for gh, gw in grids:
+        patches = torch.randint(
+            0, 256, (batch, gh, gw, model.cfg.patch_dim), dtype=torch.uint8, generator=gen
+        )
+        worst = 0.0
+        for fusion in HeadFusion:
+            for ratio in PARITY_DISCARD_RATIOS:
+                f, r = torch.tensor(int(fusion)), torch.tensor(ratio, dtype=torch.float32)
+                with torch.no_grad():
+                    _, expected = wrapper(patches, f, r)
+                feeds = {
+                    "patches": patches.numpy(),
+                    "head_fusion": f.numpy(),
+                    "discard_ratio": r.numpy(),
+                }
+                (got,) = session.run(["rollout"], feeds)
+                worst = max(worst, float(np.abs(expected.numpy() - got).max()))
+        report.max_abs_diff[f"{gh}x{gw}"] = worst
     return report
 
 
@@ -146,6 +214,7 @@ def build_spec(
         labels=labels,
         inputs=inputs,
         outputs=outputs,
+        rollout=rollout_contract(arch),
         source=source,
         versions=versions,
     )
@@ -157,6 +226,7 @@ class ExportResult:
     graph_path: Path
     version: int
     parity: ParityReport
+    rollout_parity: ParityReport
 
 
 def export_to_repository(
@@ -181,22 +251,34 @@ def export_to_repository(
         version = max(versions, default=0) + 1
     folded = model.folded()
     with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / GRAPH_FILENAME
+        staged, staged_rollout = Path(tmp) / GRAPH_FILENAME, Path(tmp) / ROLLOUT_GRAPH_FILENAME
+        grids = parity_grids(model.cfg.grid)
         export_graph(folded, staged)
-        parity = check_parity(model.eval(), staged, parity_grids(model.cfg.grid), atol=atol)
-        for grid, diff in parity.max_abs_diff.items():
-            log.info("parity at grid %s: max |diff| %.2e", grid, diff)
-        if not parity.passed:
-            raise ParityError(
-                f"ONNX Runtime differs from PyTorch by {parity.worst:.2e} > {atol:.0e} "
-                f"({parity.max_abs_diff}); nothing written"
-            )
+        parity = check_parity(model.eval(), staged, grids, atol=atol)
+        export_rollout_graph(folded, staged_rollout)
+        rollout_parity = check_rollout_parity(model.eval(), staged_rollout, grids)
+        for what, report in (("logits", parity), ("rollout", rollout_parity)):
+            for grid, diff in report.max_abs_diff.items():
+                log.info("%s parity at grid %s: max |diff| %.2e", what, grid, diff)
+            if not report.passed:
+                raise ParityError(
+                    f"ONNX Runtime {what} differ from PyTorch by {report.worst:.2e} > "
+                    f"{report.atol:.0e} ({report.max_abs_diff}); nothing written"
+                )
         version_dir = repo / name / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
         graph_path = version_dir / GRAPH_FILENAME
+        rollout_path = version_dir / ROLLOUT_GRAPH_FILENAME
         shutil.move(staged, graph_path)
-    versions[version] = GraphFiles(model=sha256_of(graph_path))
+        shutil.move(staged_rollout, rollout_path)
+    versions[version] = GraphFiles(model=sha256_of(graph_path), rollout=sha256_of(rollout_path))
     spec = build_spec(name, model, labels, preprocess, source, versions)
     spec.dump(spec_path)
     log.info("wrote %s (version %d) and %s", graph_path, version, spec_path)
-    return ExportResult(spec_path=spec_path, graph_path=graph_path, version=version, parity=parity)
+    return ExportResult(
+        spec_path=spec_path,
+        graph_path=graph_path,
+        version=version,
+        parity=parity,
+        rollout_parity=rollout_parity,
+    )

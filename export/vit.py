@@ -76,6 +76,9 @@ class PatchEmbed(nn.Module):
     does one cast and one matmul per patch and the service does no per-pixel float work.
     """
 
+    scale: Tensor
+    shift: Tensor
+
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.proj = nn.Linear(cfg.patch_dim, cfg.embed_dim)
@@ -90,7 +93,8 @@ class PatchEmbed(nn.Module):
         x = patches.to(torch.float32)
         if not self.folded:
             x = x * self.scale + self.shift
-        return self.proj(x)
+        out: Tensor = self.proj(x)
+        return out
 
     @torch.no_grad()
     def fold_normalisation(self) -> None:
@@ -128,7 +132,8 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, cfg.embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        out: Tensor = self.fc2(F.gelu(self.fc1(x)))
+        return out
 
 
 class Block(nn.Module):
@@ -182,9 +187,9 @@ class VisionTransformer(nn.Module):
         gh, gw = self.cfg.grid
         cls_pos = self.pos_embed[:, :1]
         grid = self.pos_embed[:, 1:].reshape(1, gh, gw, -1)
-        if not torch.jit.is_tracing() and not torch.compiler.is_exporting():
-            if (grid_h, grid_w) == (gh, gw):
-                return self.pos_embed
+        exporting = torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+        if not exporting and (grid_h, grid_w) == (gh, gw):
+            return self.pos_embed
         # Traced for export: always resample, so the graph serves every grid (at the native
         # grid bicubic resampling with align_corners=False is the identity).
         grid = resample_grid(grid, (grid_h, grid_w), self.cfg.pos_interp_align_corners)

@@ -19,6 +19,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,8 +111,12 @@ def train(args: TrainArgs) -> dict[str, object]:
     model = VisionTransformer(cfg)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "pos_embed" in n]
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": no_decay},
+    ]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay}],
+        groups,
         lr=args.lr,
         weight_decay=0.0,
     )
@@ -140,7 +145,7 @@ def train(args: TrainArgs) -> dict[str, object]:
             group["lr"] = lr_at(step, progress, args)
         loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
@@ -148,8 +153,14 @@ def train(args: TrainArgs) -> dict[str, object]:
         progress = progress_at(step, elapsed, args)
         if step % args.eval_every == 0 or progress >= 1.0:
             acc = evaluate(model, held.images[:500], held.labels[:500])
-            history.append({"step": step, "loss": float(loss.detach()), "held_out_acc_500": acc,
-                             "minutes": elapsed / 60})  # fmt: skip
+            history.append(
+                {
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    "held_out_acc_500": acc,
+                    "minutes": elapsed / 60,
+                }
+            )
             log.info(
                 "step %d loss %.3f held-out(500) %.3f %.1f min",
                 step,

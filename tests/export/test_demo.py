@@ -54,8 +54,9 @@ def test_a_smoke_training_run_writes_a_checkpoint_that_exports(tmp_path: Path) -
     assert 0.0 <= record["held_out_top1"] <= 1.0
 
     repo = tmp_path / "repo"
-    rc = export_main(["--checkpoint", str(out / "checkpoint.pt"), "--name", "demo-smoke",
-                      "--repo", str(repo)])  # fmt: skip
+    rc = export_main(
+        ["--checkpoint", str(out / "checkpoint.pt"), "--name", "demo-smoke", "--repo", str(repo)]
+    )
     assert rc == 0
     spec = ModelSpec.load(repo / "demo-smoke" / SPEC_FILENAME)
     assert spec.labels == list(CLASSES)

@@ -23,16 +23,29 @@ from export.vit import VisionTransformer, ViTConfig
 
 def _model(seed: int = 0) -> VisionTransformer:
     torch.manual_seed(seed)
-    cfg = ViTConfig.variant("test", patch_size=4, grid=(6, 6), num_classes=7,
-                            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # fmt: skip
+    cfg = ViTConfig.variant(
+        "test",
+        patch_size=4,
+        grid=(6, 6),
+        num_classes=7,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
     model = VisionTransformer(cfg).eval()
     torch.nn.init.normal_(model.head.weight, std=0.5)
     return model
 
 
-def _export(model: VisionTransformer, repo: Path, **kw: object) -> ModelSpec:
-    export_to_repository(model, repo, "toy", [f"c{i}" for i in range(7)], Preprocess(),
-                         Source(framework="vit-serve"), **kw)  # type: ignore[arg-type]  # fmt: skip
+def _export(model: VisionTransformer, repo: Path, atol: float = 1e-4) -> ModelSpec:
+    export_to_repository(
+        model,
+        repo,
+        "toy",
+        [f"c{i}" for i in range(7)],
+        Preprocess(),
+        Source(framework="vit-serve"),
+        atol=atol,
+    )
     return ModelSpec.load(repo / "toy" / SPEC_FILENAME)
 
 

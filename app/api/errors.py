@@ -1,0 +1,93 @@
+"""Exceptions -> HTTP statuses, always as {"detail": "<a message a person can act on>"}."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from app.batching import (
+    DeadlineExceededError,
+    InferenceError,
+    OverloadedError,
+    ShuttingDownError,
+)
+from app.errors import (
+    BadRequestBodyError,
+    InvalidParameterError,
+    NoImageError,
+    NotReadyError,
+    PayloadTooLargeError,
+    TooManyImagesError,
+    UnsupportedMediaTypeError,
+)
+from app.imaging import ImageDecodeError, ImageTooLargeError
+from app.repository import UnknownModelError
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[Exception], int] = {
+    NoImageError: 400,
+    BadRequestBodyError: 400,
+    ImageDecodeError: 400,
+    UnknownModelError: 404,
+    PayloadTooLargeError: 413,
+    TooManyImagesError: 413,
+    ImageTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+    InvalidParameterError: 422,
+    InferenceError: 500,
+    OverloadedError: 503,
+    ShuttingDownError: 503,
+    NotReadyError: 503,
+    DeadlineExceededError: 504,
+}
+RETRY_AFTER_S = 1
+
+_PLACES = {"query": "query parameter", "path": "path parameter", "header": "header"}
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    # 503s are transient by construction (a full queue, a restart): tell clients when to retry.
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+async def _known_error(request: Request, exc: Exception) -> JSONResponse:
+    status = next(STATUS_OF[t] for t in type(exc).__mro__ if t in STATUS_OF)
+    message: str = getattr(exc, "message", str(exc))
+    if status >= 500:
+        log.warning("%s %s -> %d: %s", request.method, request.url.path, status, message)
+    return error_response(status, message)
+
+
+def describe_validation_errors(errors: Sequence[Any]) -> str:
+    """FastAPI's error list as one sentence, e.g. "query parameter 'top_k': Input should be ..."."""
+    parts = []
+    for error in errors:
+        loc = [str(p) for p in error.get("loc", ())]
+        where = _PLACES.get(loc[0], loc[0]) if loc else "request"
+        name = ".".join(loc[1:])
+        parts.append(f"{where} '{name}': {error.get('msg', 'invalid')}" if name else where)
+    return "; ".join(parts) or "invalid request"
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(422, describe_validation_errors(exc.errors()))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette still re-raises after this response, so the traceback reaches the server log.
+    return error_response(500, "internal server error; the details are in the server log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for exc_type in STATUS_OF:
+        app.add_exception_handler(exc_type, _known_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,110 @@
+"""HTTP routes: parse and validate the request, call the classifier, shape the answer."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+
+from app.api.deps import ClassifierDep
+from app.api.schemas import (
+    ClassifyResponse,
+    ErrorBody,
+    ModelInfo,
+    ModelsResponse,
+    PreprocessInfo,
+    Status,
+)
+from app.api.uploads import read_uploads
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "not an image, truncated, or no image in the request",
+        404: "unknown model or version",
+        413: "body, image pixels or image count over the limit",
+        415: "not multipart/form-data or image/*",
+        422: "invalid query parameter",
+        503: "overloaded or not ready (with Retry-After)",
+        504: "not run before the request's deadline",
+    }.items()
+}
+
+# The body is read by hand (size-limited before parsing), so describe it for the OpenAPI page.
+_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                    "required": ["image"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_BODY)
+async def classify(
+    request: Request,
+    classifier: ClassifierDep,
+    model: Annotated[
+        str | None, Query(max_length=200, description="default: the server's default model")
+    ] = None,
+    version: Annotated[int | None, Query(ge=0, description="default: the highest")] = None,
+    top_k: Annotated[int | None, Query(ge=1, description="default 5, clipped to classes")] = None,
+    resize: Annotated[
+        Literal["crop", "fit"],
+        Query(description="crop: the training preprocessing; fit: keep the aspect ratio"),
+    ] = "crop",
+) -> ClassifyResponse:
+    uploads = await read_uploads(request, classifier.settings)
+    result = await classifier.classify(
+        uploads, model=model, version=version, top_k=top_k, resize=resize
+    )
+    return ClassifyResponse.model_validate(result)
+
+
+@router.get("/healthz", response_model=Status)
+async def healthz() -> Status:
+    """The process is alive and answering."""
+    return Status(status="ok")
+
+
+@router.get("/readyz", response_model=Status, responses={503: {"model": ErrorBody}})
+async def readyz(classifier: ClassifierDep) -> Status:
+    """Every model is loaded and warmed up, and the server is not stopping."""
+    return Status(status="ready")
+
+
+@router.get("/models", response_model=ModelsResponse)
+async def models(classifier: ClassifierDep) -> ModelsResponse:
+    repository = classifier.repository
+    infos = []
+    for name, entry in sorted(repository.models.items()):
+        spec = entry.spec
+        arch = spec.architecture
+        infos.append(
+            ModelInfo(
+                name=name,
+                default=name == repository.default_model,
+                versions=sorted(entry.versions),
+                default_version=entry.default_version,
+                num_classes=arch.num_classes,
+                patch_size=arch.patch_size,
+                native_grid=arch.grid,
+                input_size=arch.input_size,
+                fit_max_tokens=classifier.fit_max_tokens(spec),
+                preprocess=PreprocessInfo.model_validate(spec.preprocess),
+                provider=classifier.provider(entry),
+            )
+        )
+    return ModelsResponse(default_model=repository.default_model, models=infos)

@@ -1,0 +1,84 @@
+"""/healthz, /readyz and /models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.main import create_app
+from app.repository import RepositoryError
+from app.settings import Settings
+from tests.support import TinyRepo
+
+pytestmark = pytest.mark.anyio
+
+NOT_READY = "the models are not loaded yet or the server is stopping; retry"
+
+
+async def test_healthz_answers_ok(client: httpx.AsyncClient) -> None:
+    response = await client.get("/healthz")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+
+
+async def test_readyz_is_ready_once_models_are_loaded_and_warm(client: httpx.AsyncClient) -> None:
+    response = await client.get("/readyz")
+    assert (response.status_code, response.json()) == (200, {"status": "ready"})
+
+
+async def test_readyz_is_503_before_start_and_after_stop_while_healthz_stays_up(
+    tiny_repo: TinyRepo,
+) -> None:
+    app = create_app(Settings(model_repo=tiny_repo.root))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        before = await c.get("/readyz")
+        assert (before.status_code, before.json()) == (503, {"detail": NOT_READY})
+        assert before.headers["retry-after"] == "1"
+        async with app.router.lifespan_context(app):
+            assert (await c.get("/readyz")).status_code == 200
+        after = await c.get("/readyz")
+        assert (after.status_code, after.json()) == (503, {"detail": NOT_READY})
+        refused = await c.post("/classify", content=b"x", headers={"content-type": "image/png"})
+        assert (refused.status_code, refused.json()) == (503, {"detail": NOT_READY})
+        assert (await c.get("/healthz")).status_code == 200
+
+
+async def test_models_describes_each_model(client: httpx.AsyncClient) -> None:
+    response = await client.get("/models")
+    assert response.status_code == 200
+    assert response.json() == {
+        "default_model": "tiny",
+        "models": [
+            {
+                "name": "tiny",
+                "default": True,
+                "versions": [1, 2],
+                "default_version": 2,
+                "num_classes": 10,
+                "patch_size": 8,
+                "native_grid": [8, 8],
+                "input_size": [64, 64],
+                "fit_max_tokens": 128,
+                "preprocess": {
+                    "resize_mode": "shorter_side",
+                    "crop_pct": 0.875,
+                    "interpolation": "bicubic",
+                },
+                "provider": "CPUExecutionProvider",
+            }
+        ],
+    }
+
+
+async def test_the_openapi_document_describes_the_upload_body(client: httpx.AsyncClient) -> None:
+    body = (await client.get("/openapi.json")).json()["paths"]["/classify"]["post"]["requestBody"]
+    assert set(body["content"]) == {"multipart/form-data", "image/*"}
+
+
+async def test_a_repository_that_cannot_be_served_stops_the_start(tmp_path: Path) -> None:
+    app = create_app(Settings(model_repo=tmp_path))
+    with pytest.raises(RepositoryError, match="no models in"):
+        async with app.router.lifespan_context(app):
+            pass

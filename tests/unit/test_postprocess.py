@@ -1,0 +1,45 @@
+"""Softmax and top-k of app.postprocess."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app.postprocess import Prediction, classify, softmax, top_k
+
+LABELS = ["a", "b", "c", "d"]
+
+
+def test_softmax_does_not_overflow_on_huge_logits() -> None:
+    # An unshifted exp(1000) overflows (a RuntimeWarning, an error under the test settings).
+    probs = softmax(np.array([1000.0, 1000.0, -1000.0], dtype=np.float32))
+    np.testing.assert_allclose(probs, [0.5, 0.5, 0.0])
+
+
+def test_softmax_sums_to_one_per_row() -> None:
+    logits = np.random.default_rng(0).normal(0, 30, (5, 1000)).astype(np.float32)
+    probs = softmax(logits)
+    assert probs.dtype == np.float64
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-12)
+
+
+def test_top_k_is_sorted_by_score_with_labels_and_indices() -> None:
+    probs = np.array([0.1, 0.5, 0.15, 0.25])
+    assert top_k(probs, 3, LABELS) == [
+        Prediction(label="b", index=1, score=0.5),
+        Prediction(label="d", index=3, score=0.25),
+        Prediction(label="c", index=2, score=0.15),
+    ]
+
+
+def test_top_k_larger_than_the_classes_returns_every_class() -> None:
+    assert [p.index for p in top_k(np.array([0.1, 0.2, 0.3, 0.4]), 50, LABELS)] == [3, 2, 1, 0]
+
+
+def test_tied_scores_keep_the_lower_index_first() -> None:
+    assert [p.index for p in top_k(np.full(4, 0.25), 4, LABELS)] == [0, 1, 2, 3]
+
+
+def test_classify_turns_logits_into_probabilities() -> None:
+    predictions = classify(np.array([0.0, 0.0, 0.0, np.log(3.0)]), 2, LABELS)
+    assert [p.label for p in predictions] == ["d", "a"]
+    np.testing.assert_allclose([p.score for p in predictions], [0.5, 1 / 6])
