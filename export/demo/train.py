@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from export.checkpoints import save_checkpoint
+from export.checkpoints import load_checkpoint, save_checkpoint
 from export.demo.shapes import CLASSES, generate
 from export.vit import VisionTransformer, ViTConfig, count_parameters, patchify
 
@@ -61,6 +61,7 @@ class TrainArgs:
     held_out: int = 2000
     max_minutes: float = 19.0
     threads: int = 2
+    resume: Path | None = None  # a checkpoint.pt (+ training.json beside it) to go on from
     eval_every: int = 100
 
 
@@ -109,6 +110,12 @@ def train(args: TrainArgs) -> dict[str, object]:
     torch.set_num_threads(args.threads)
     cfg = demo_config()
     model = VisionTransformer(cfg)
+    earlier: dict[str, Any] = {}
+    if args.resume is not None:
+        # A second leg starts a fresh warm-up and cosine cycle from the earlier weights; the
+        # record adds up both legs, so its time and image counts stay the whole story.
+        model.load_state_dict(load_checkpoint(args.resume).model.state_dict())
+        earlier = json.loads((args.resume.parent / "training.json").read_text())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "pos_embed" in n]
     groups: list[dict[str, Any]] = [
@@ -130,12 +137,13 @@ def train(args: TrainArgs) -> dict[str, object]:
     progress = 0.0
     while progress < 1.0:
         if step % args.chunk_batches == 0:
-            chunk_seed = TRAIN_SEED * 1_000_000 + step // args.chunk_batches
+            leg = len(earlier.get("legs", []))  # a later leg draws images no earlier leg saw
+            chunk_seed = TRAIN_SEED * 1_000_000 + leg * 100_000 + step // args.chunk_batches
             chunk = generate(
                 args.batch_size * args.chunk_batches,
                 seed=chunk_seed,
                 size=IMAGE_SIZE,
-                clutter=clutter_at(progress),
+                clutter=1.0 if earlier else clutter_at(progress),
             )
         assert chunk is not None
         j = (step % args.chunk_batches) * args.batch_size
@@ -181,16 +189,25 @@ def train(args: TrainArgs) -> dict[str, object]:
         "steps": step,
         "stopped_early": stopped_early,
         "batch_size": args.batch_size,
-        "images_seen": step * args.batch_size,
+        "images_seen": step * args.batch_size + earlier.get("images_seen", 0),
         "train_seed": TRAIN_SEED,
         "held_out_seed": HELD_OUT_SEED,
         "held_out_images": args.held_out,
         "held_out_top1": accuracy,
-        "train_minutes": round(minutes, 2),
+        "train_minutes": round(minutes + earlier.get("train_minutes", 0.0), 2),
+        "legs": [
+            *earlier.get("legs", []),
+            {
+                "steps": step,
+                "minutes": round(minutes, 2),
+                "lr": args.lr,
+                "resumed": args.resume is not None,
+            },
+        ],
         "threads": args.threads,
         "machine": f"{platform.machine()} {platform.processor()}".strip(),
         "torch": torch.__version__,
-        "history": history,
+        "history": [*earlier.get("history", []), *history],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
@@ -217,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-minutes", type=float, default=TrainArgs.max_minutes)
     p.add_argument("--lr", type=float, default=TrainArgs.lr)
     p.add_argument("--threads", type=int, default=TrainArgs.threads)
+    p.add_argument("--resume", type=Path, default=None, help="go on from this checkpoint.pt")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train(
@@ -228,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
             max_minutes=a.max_minutes,
             lr=a.lr,
             threads=a.threads,
+            resume=a.resume,
             warmup_steps=min(TrainArgs.warmup_steps, max(1, a.steps // 10)),
         )
     )

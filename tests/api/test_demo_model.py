@@ -53,9 +53,9 @@ async def test_the_demo_model_recognises_held_out_shapes(demo_client: httpx.Asyn
             assert sum(scores) == pytest.approx(1.0, abs=1e-5)
             assert {p["label"] for p in result["predictions"]} == set(CLASSES)
             correct += result["predictions"][0]["label"] == CLASSES[batch.labels[i]]
-    # Chance is 1 in 10; a trained model does far better (the bar is low on purpose: this
-    # checks the serving path end to end, not the training run).
-    assert correct / 48 >= 0.5
+    # The model scores ~98% on held-out shapes run on the graph directly
+    # (tests/export/test_demo_model.py); through the service it must not lose that.
+    assert correct / 48 >= 0.9
 
 
 async def test_the_demo_model_serves_fit_grids(demo_client: httpx.AsyncClient) -> None:
