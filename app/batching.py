@@ -1,10 +1,17 @@
 """Continuous batching of patch grids onto backends; knows nothing of HTTP or of ONNX.
 
-Items wait in queues keyed by (model, version, grid): only equal grids stack into one tensor.
+Items wait in queues keyed by (model, version, grid, graph): only equal grids stack into one
+tensor, and rollout items (the second graph, whose head fusion and discard ratio are per-batch
+inputs) stack only with items asking for the same rollout, so plain items never touch it.
 One scheduler task takes a batch the moment the inference thread is free, so an idle server
 runs a lone request at once and a busy one runs whatever piled up meanwhile, bounded by a batch
 size and a token budget. The key whose oldest item has waited longest goes first, so no grid
-starves. Every admitted item is answered exactly once: a logits row or an exception.
+starves. Every admitted item is answered exactly once: an `Output` or an exception.
+
+Each runtime instance is a lane: its own backends (sessions), its own thread and its own
+scheduling coroutine; a batch leaves on whichever lane is free first. `max_queue_delay_ms`
+(0 by default) lets a free lane hold a batch that is not yet full for up to that long after its
+oldest item arrived, for hardware where a fuller batch costs little more than a small one.
 """
 
 from __future__ import annotations
@@ -15,19 +22,31 @@ import enum
 import functools
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-from app.runtime import Backend
+from app.rollout import RolloutMap, RolloutParams
+from app.runtime import Backend, RolloutBackend
 
 log = logging.getLogger(__name__)
 
 Logits = NDArray[np.float32]
+Patches = NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class Output:
+    """One image's answer from its batch."""
+
+    logits: Logits  # (num_classes,)
+    rollout: RolloutMap | None = None  # (grid_h, grid_w), for rollout keys only
 
 
 class BatchingError(Exception):
@@ -59,6 +78,11 @@ class BatchKey:
     model: str
     version: int
     grid: tuple[int, int]  # (grid_h, grid_w)
+    rollout: RolloutParams | None = None  # None: the plain graph; else the rollout graph's inputs
+
+    @property
+    def graph(self) -> Literal["plain", "rollout"]:
+        return "plain" if self.rollout is None else "rollout"
 
     @property
     def tokens(self) -> int:
@@ -75,13 +99,14 @@ class _State(enum.Enum):
 class _Item:
     key: BatchKey
     patches: NDArray[np.uint8]  # (grid_h, grid_w, P*P*C)
-    future: asyncio.Future[Logits]
+    future: asyncio.Future[Output]
     seq: int  # admission order: the oldest waiting key goes first
     state: _State = _State.QUEUED
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    enqueued_at: float = field(default_factory=time.perf_counter)  # for the queue-wait metric
 
 
-def _answer(item: _Item, result: Logits | BaseException) -> None:
+def _answer(item: _Item, result: Output | BaseException) -> None:
     if item.future.done():
         return
     if isinstance(result, BaseException):
@@ -90,9 +115,31 @@ def _answer(item: _Item, result: Logits | BaseException) -> None:
         item.future.set_result(result)
 
 
-def _run_backend(backend: Backend, patches: list[NDArray[np.uint8]]) -> Logits:
-    # Stacking copies megabytes: it belongs in the inference thread, not on the event loop.
-    return backend.run(np.stack(patches))  # (B, grid_h, grid_w, P*P*C) -> (B, classes)
+def _check_rows(what: str, rows: int, items: int) -> None:
+    if rows != items:
+        raise ValueError(f"backend returned {rows} {what} rows for {items} items")
+
+
+# Both run in the inference thread: stacking copies megabytes, not for the event loop.
+def _run_plain(backend: Backend, patches: list[Patches]) -> list[Output]:
+    logits = backend.run(np.stack(patches))  # (B, grid_h, grid_w, P*P*C) -> (B, classes)
+    _check_rows("logits", logits.shape[0], len(patches))
+    return [Output(row) for row in logits]
+
+
+def _run_rollout(
+    backend: RolloutBackend, params: RolloutParams, patches: list[Patches]
+) -> list[Output]:
+    logits, maps = backend.run(np.stack(patches), params)  # (B, classes), (B, grid_h, grid_w)
+    _check_rows("logits", logits.shape[0], len(patches))
+    _check_rows("rollout", maps.shape[0], len(patches))
+    return [Output(row, rollout) for row, rollout in zip(logits, maps, strict=True)]
+
+
+class BatchObserver(Protocol):
+    """Told of each batch that ran (the service's metrics); must not raise."""
+
+    def batch_done(self, key: BatchKey, queue_waits_s: Sequence[float], run_s: float) -> None: ...
 
 
 class Batcher:
@@ -100,11 +147,23 @@ class Batcher:
         self,
         backends: Mapping[tuple[str, int], Backend],
         *,
+        rollout_backends: Mapping[tuple[str, int], RolloutBackend] | None = None,
         max_batch_size: int,
         max_batch_tokens: int,
         max_queue_images: int,
+        max_queue_delay_ms: float = 0.0,
+        more_instances: Sequence[Mapping[tuple[str, int], Backend]] = (),
     ) -> None:
+        """`more_instances`: backends of further runtime instances, one mapping per instance.
+
+        Rollout backends are shared by every lane: ONNX Runtime sessions take concurrent runs.
+        """
         self._backends = backends
+        self._lanes: list[Mapping[tuple[str, int], Backend]] = [backends, *more_instances]
+        if any(lane.keys() != backends.keys() for lane in self._lanes):
+            raise ValueError("every runtime instance must serve the same model versions")
+        self.max_queue_delay_s = max_queue_delay_ms / 1e3
+        self._rollout_backends = rollout_backends or {}
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_images = max_queue_images
@@ -113,9 +172,14 @@ class Batcher:
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
         self._accepting = False
-        self._task: asyncio.Task[None] | None = None
-        # One thread: a batch leaves when the previous one returns (the "runtime is free" rule).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vit-serve-infer")
+        self._tasks: list[asyncio.Task[None]] = []
+        # One thread per lane: a lane takes its next batch when its previous one returns (the
+        # "runtime is free" rule).
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vit-serve-infer-{i}")
+            for i in range(len(self._lanes))
+        ]
+        self.observer: BatchObserver | None = None
 
     @property
     def queued(self) -> int:
@@ -127,15 +191,24 @@ class Batcher:
         """Started and not stopping: `submit` takes work."""
         return self._accepting
 
+    @property
+    def instances(self) -> int:
+        """Runtime instances (lanes), each with its own thread."""
+        return len(self._lanes)
+
     def start(self) -> None:
-        if self._task is not None:
+        if self._tasks:
             raise RuntimeError("batcher already started")
         self._accepting = True
-        self._task = asyncio.get_running_loop().create_task(self._schedule(), name="batcher")
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._schedule(lane), name=f"batcher-{lane}")
+            for lane in range(len(self._lanes))
+        ]
 
     def submit(
         self, requests: Sequence[tuple[BatchKey, NDArray[np.uint8]]], deadline: float
-    ) -> list[asyncio.Future[Logits]]:
+    ) -> list[asyncio.Future[Output]]:
         """Admit all of a request's images or none; `deadline` is in the event loop's clock."""
         if not self._accepting:
             raise ShuttingDownError("the server is shutting down; retry on another replica")
@@ -148,11 +221,12 @@ class Batcher:
         if deadline <= loop.time():
             raise DeadlineExceededError("the request's deadline passed before inference")
         for key, patches in requests:
-            if (key.model, key.version) not in self._backends:
-                raise KeyError(f"no backend for {key.model} version {key.version}")
+            served = self._backends if key.rollout is None else self._rollout_backends
+            if (key.model, key.version) not in served:
+                raise KeyError(f"no {key.graph} backend for {key.model} version {key.version}")
             if patches.shape[:2] != key.grid:
                 raise ValueError(f"patches of grid {patches.shape[:2]} under key {key}")
-        futures: list[asyncio.Future[Logits]] = []
+        futures: list[asyncio.Future[Output]] = []
         for key, patches in requests:
             item = _Item(key=key, patches=patches, future=loop.create_future(), seq=next(self._seq))
             item.timer = loop.call_at(deadline, self._expire, item)
@@ -165,13 +239,13 @@ class Batcher:
 
     async def infer(
         self, requests: Sequence[tuple[BatchKey, NDArray[np.uint8]]], deadline: float
-    ) -> list[Logits]:
-        """Submit and wait for every image's logits; raises the first image's error."""
+    ) -> list[Output]:
+        """Submit and wait for every image's output; raises the first image's error."""
         futures = self.submit(requests, deadline)
         # return_exceptions: every future's outcome is retrieved, none logged as "never
         # retrieved"; cancelling this call cancels the futures, which frees their queue slots.
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        results: list[Logits] = []
+        results: list[Output] = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -182,23 +256,26 @@ class Batcher:
         """Refuse new work, finish queued work for up to `drain_timeout_s`, answer the rest."""
         self._accepting = False
         self._wakeup.set()
-        task, self._task = self._task, None
-        if task is not None:
+        tasks, self._tasks = self._tasks, []
+        if tasks:
+            every = asyncio.gather(*tasks)
             try:
-                await asyncio.wait_for(asyncio.shield(task), timeout=drain_timeout_s)
+                await asyncio.wait_for(asyncio.shield(every), timeout=drain_timeout_s)
             except TimeoutError:
-                task.cancel()
+                for task in tasks:
+                    task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                    await every
         for queue in self._queues.values():
             for item in queue:
                 if item.state is _State.QUEUED:
                     _answer(item, ShuttingDownError("the server shut down before inference"))
         self._queues.clear()
-        # A batch may still be running in the thread after a timeout: do not block on it.
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        # A batch may still be running in a thread after a timeout: do not block on it.
+        for executor in self._executors:
+            executor.shutdown(wait=False, cancel_futures=True)
 
-    def _on_done(self, item: _Item, _: asyncio.Future[Logits]) -> None:
+    def _on_done(self, item: _Item, _: asyncio.Future[Output]) -> None:
         self._leave_queue(item)
 
     def _leave_queue(self, item: _Item) -> None:
@@ -214,7 +291,9 @@ class Batcher:
         if item.state is _State.QUEUED:
             _answer(item, DeadlineExceededError("the request timed out waiting for inference"))
 
-    def _take_batch(self) -> tuple[BatchKey, list[_Item]] | None:
+    def _take_batch(self) -> tuple[BatchKey, list[_Item]] | float | None:
+        """The next batch; None when nothing waits; or, under `max_queue_delay_ms`, how many
+        seconds to wait for the oldest key's batch to fill."""
         oldest: _Item | None = None
         for key in list(self._queues):
             queue = self._queues[key]
@@ -228,6 +307,11 @@ class Batcher:
             return None
         key = oldest.key
         queue = self._queues[key]
+        if self.max_queue_delay_s > 0 and self._accepting:
+            hold_s = oldest.enqueued_at + self.max_queue_delay_s - time.perf_counter()
+            full = min(self.max_batch_size, max(1, self.max_batch_tokens // key.tokens))
+            if hold_s > 0 and len(queue) < full:
+                return hold_s
         batch: list[_Item] = []
         tokens = 0
         while queue and len(batch) < self.max_batch_size:
@@ -249,7 +333,7 @@ class Batcher:
             del self._queues[key]
         return key, batch
 
-    async def _schedule(self) -> None:
+    async def _schedule(self, lane: int) -> None:
         while True:
             taken = self._take_batch()
             if taken is None:
@@ -258,19 +342,31 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if isinstance(taken, float):
+                # Hold for a fuller batch; any new item wakes every lane to look again.
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=taken)
+                continue
             key, batch = taken
             if batch:
-                await self._run(key, batch)
+                # Another lane may have a batch to take too: let it look.
+                self._wakeup.set()
+                await self._run(lane, key, batch)
 
-    async def _run(self, key: BatchKey, batch: list[_Item]) -> None:
-        backend = self._backends[(key.model, key.version)]
-        loop = asyncio.get_running_loop()
-        try:
-            logits = await loop.run_in_executor(
-                self._executor, _run_backend, backend, [item.patches for item in batch]
+    async def _run(self, lane: int, key: BatchKey, batch: list[_Item]) -> None:
+        patches = [item.patches for item in batch]
+        if key.rollout is None:
+            job = functools.partial(
+                _run_plain, self._lanes[lane][(key.model, key.version)], patches
             )
-            if logits.shape[0] != len(batch):
-                raise ValueError(f"backend returned {logits.shape[0]} rows for {len(batch)} items")
+        else:
+            backend = self._rollout_backends[(key.model, key.version)]
+            job = functools.partial(_run_rollout, backend, key.rollout, patches)
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._executors[lane], job)
         except asyncio.CancelledError:
             for item in batch:
                 _answer(item, ShuttingDownError("the server shut down during inference"))
@@ -285,5 +381,8 @@ class Batcher:
                 error.__cause__ = exc
                 _answer(item, error)
         else:
-            for item, row in zip(batch, logits, strict=True):
-                _answer(item, row)
+            for item, output in zip(batch, outputs, strict=True):
+                _answer(item, output)
+            if self.observer is not None:
+                waits = [started - item.enqueued_at for item in batch]
+                self.observer.batch_done(key, waits, time.perf_counter() - started)

@@ -34,6 +34,10 @@ class TooManyImagesError(RequestError):
     """More images in one request than `images_per_request_max`."""
 
 
+class RolloutUnavailableError(RequestError):
+    """A rollout map asked of a model version exported without its rollout graph."""
+
+
 class InvalidParameterError(RequestError):
     """A query parameter outside what the settings or the model allow."""
 

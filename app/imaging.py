@@ -11,7 +11,8 @@ import io
 import logging
 import math
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -77,10 +78,20 @@ class ImageTooLargeError(ImageError):
 
 
 @dataclass(frozen=True)
+class StageTimes:
+    """Milliseconds per preprocessing stage; decode includes EXIF orientation and RGB."""
+
+    decode_ms: float = 0.0
+    resize_ms: float = 0.0  # resize and crop
+    patchify_ms: float = 0.0
+
+
+@dataclass(frozen=True)
 class PreparedImage:
     patches: NDArray[np.uint8]  # (grid_h, grid_w, P*P*3)
     image_size: tuple[int, int]  # (width, height) after EXIF orientation
     grid: tuple[int, int]  # (grid_h, grid_w)
+    stages_ms: StageTimes = field(default_factory=StageTimes, compare=False)
 
 
 @dataclass(frozen=True)
@@ -186,12 +197,30 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# The aspect ratios (width / height) `fit` snaps to, so that photos of similar shapes share a
+# grid and therefore a batch: square, 5:4, 4:3, 3:2, 16:9, 2:1, 5:2, 3:1, 4:1 and their
+# portrait twins, i.e. at most 17 grids per token budget; the image is stretched by at most
+# ~6% on one axis. Beyond 4:1, powers of two (8:1, 16:1, ...): still few grids, and rare.
+FIT_ASPECTS = tuple(
+    sorted(
+        {1.0} | {r for a in (5 / 4, 4 / 3, 3 / 2, 16 / 9, 2.0, 5 / 2, 3.0, 4.0) for r in (a, 1 / a)}
+    )
+)
+
+
+def snap_aspect(aspect: float) -> float:
+    """The nearest of `FIT_ASPECTS` in log scale; beyond them, the nearest power of two."""
+    if not 1 / 4 <= aspect <= 4:
+        return float(2.0 ** round(math.log2(aspect)))
+    return min(FIT_ASPECTS, key=lambda a: abs(math.log(aspect / a)))
+
+
 def fit_grid(width: int, height: int, native_tokens: int, max_tokens: int) -> tuple[int, int]:
-    """(grid_h, grid_w) with about `native_tokens` patches in the image's aspect ratio.
+    """(grid_h, grid_w) with about `native_tokens` patches in the image's snapped aspect ratio.
 
     At least one patch per side and never more than `max_tokens` patches in all.
     """
-    aspect = width / height
+    aspect = snap_aspect(width / height)
     gh = max(1, math.floor(math.sqrt(native_tokens / aspect) + 0.5))
     gw = max(1, math.floor(math.sqrt(native_tokens * aspect) + 0.5))
     if gh * gw > max_tokens:
@@ -210,14 +239,19 @@ def crop_plan(width: int, height: int, spec: ModelSpec) -> ResizePlan:
     then centre-crop the input size with torchvision's rounding. For a square input that scaling
     is torchvision's Resize(int): the shorter side exact, the longer int(that * long / short); for
     a non-square one it is timm's ResizeKeepRatio: both sides round(side / ratio). squash:
-    straight to the input size.
+    both sides straight to floor(input / crop_pct), then the same centre crop (timm's squash
+    crop mode, Hugging Face's resize then optional centre crop); with crop_pct 1 no crop.
     """
     arch = spec.architecture
     in_h, in_w = arch.input_size
-    if spec.preprocess.resize_mode == "squash":
-        return ResizePlan(size=(in_w, in_h), box=None, grid=arch.grid)
     crop_pct = spec.preprocess.crop_pct
     target_h, target_w = math.floor(in_h / crop_pct), math.floor(in_w / crop_pct)
+    if spec.preprocess.resize_mode == "squash":
+        if (target_h, target_w) == (in_h, in_w):
+            return ResizePlan(size=(in_w, in_h), box=None, grid=arch.grid)
+        top, left = round((target_h - in_h) / 2.0), round((target_w - in_w) / 2.0)
+        box = (left, top, left + in_w, top + in_h)
+        return ResizePlan(size=(target_w, target_h), box=box, grid=arch.grid)
     if target_h == target_w:
         if width <= height:
             new_w, new_h = target_w, int(target_w * height / width)
@@ -275,6 +309,7 @@ def prepare(
     jpeg_draft: bool = True,
 ) -> PreparedImage:
     """Decode, orient, convert, resize per `policy` and patchify one uploaded image."""
+    started = time.perf_counter()
     with open_image(data, name, max_pixels) as img:
         fmt = img.format or "image"
         header_w, header_h = img.size
@@ -302,13 +337,22 @@ def prepare(
         # crop must not depend on whether libjpeg took a shortcut.
         width, height = (header_h, header_w) if swapped else (header_w, header_h)
         plan = resize_plan(width, height, spec, policy, fit_max_tokens)
+        decoded = time.perf_counter()
         # Inside the `with`: closing the file also frees the pixels of `img` (maybe `rgb`).
         resized = rgb.resize(plan.size, _RESAMPLE[spec.preprocess.interpolation])
         if plan.box is not None:
             resized = resized.crop(plan.box)
-    pixels = np.asarray(resized, dtype=np.uint8)  # (H, W, 3)
+        pixels = np.asarray(resized, dtype=np.uint8)  # (H, W, 3)
+    shrunk = time.perf_counter()
+    patches = patchify(pixels, spec.architecture.patch_size)
+    done = time.perf_counter()
     return PreparedImage(
-        patches=patchify(pixels, spec.architecture.patch_size),
+        patches=patches,
         image_size=(width, height),
         grid=plan.grid,
+        stages_ms=StageTimes(
+            decode_ms=(decoded - started) * 1e3,
+            resize_ms=(shrunk - decoded) * 1e3,
+            patchify_ms=(done - shrunk) * 1e3,
+        ),
     )

@@ -10,44 +10,47 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
+from app.api.page import install_page
 from app.api.routes import router
-from app.classifier import BackendFactory, Classifier
+from app.classifier import BackendFactory, Classifier, RolloutBackendFactory
 from app.imaging import configure_pillow
+from app.logs import configure_logging
+from app.metrics import Metrics
+from app.middleware import Lifecycle, RequestMiddleware, install_metrics
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def _configure_logging(level: str) -> None:
-    # uvicorn configures only its own loggers; without this the service's INFO lines (which
-    # provider runs each model, readiness) would go nowhere. Leaves a configured process alone.
-    app_log = logging.getLogger("app")
-    app_log.setLevel(level.upper())
-    if not app_log.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        app_log.addHandler(handler)
-
-
 def create_app(
-    settings: Settings | None = None, *, backend_factory: BackendFactory | None = None
+    settings: Settings | None = None,
+    *,
+    backend_factory: BackendFactory | None = None,
+    rollout_factory: RolloutBackendFactory | None = None,
 ) -> FastAPI:
     """The service for `settings` (default: from the environment).
 
-    `backend_factory` replaces ONNX Runtime (tests use a fake); the lifespan loads the
-    repository, creates and warms the sessions, starts the batcher, and drains it on shutdown.
+    `backend_factory` and `rollout_factory` replace ONNX Runtime for the plain and the rollout
+    graphs (tests use fakes; a rollout factory that returns None serves no maps); the lifespan
+    loads the repository, creates and warms the sessions, starts the batcher, and drains it on
+    shutdown.
     """
     settings = settings or Settings()
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    metrics = Metrics()
+    lifecycle = Lifecycle()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Loading hashes graphs and builds sessions: keep the event loop free meanwhile. A
         # repository that cannot be served raises here, and the server does not start.
-        classifier = await asyncio.to_thread(Classifier.load, settings, backend_factory)
+        classifier = await asyncio.to_thread(
+            Classifier.load, settings, backend_factory, rollout_factory
+        )
         previous_limit = configure_pillow(settings.image_max_pixels)
         classifier.start()
         app.state.classifier = classifier
+        metrics.attach(classifier, lambda: lifecycle.draining)
         log.info("ready: %d model(s) in %s", len(classifier.repository.models), settings.model_repo)
         try:
             yield
@@ -63,4 +66,9 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(router)
+    install_page(app)
+    app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
+    app.add_middleware(RequestMiddleware, owner=app, metrics=metrics, lifecycle=lifecycle)
+    install_metrics(app, metrics)  # last: it wraps the exception handlers installed above
     return app

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: one per model version, on the best provider that really works."""
+"""ONNX Runtime sessions: one per graph of each model version, on the best provider that works."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from app.rollout import RolloutParams
 from app.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,19 @@ class Backend(Protocol):
 
     def run(self, patches: NDArray[np.uint8]) -> NDArray[np.float32]:
         """(B, grid_h, grid_w, P*P*C) uint8 -> (B, num_classes) float32 logits."""
+        ...
+
+
+class RolloutBackend(Protocol):
+    """The rollout graph: logits and the class token's rolled-out attention over the grid."""
+
+    @property
+    def provider(self) -> str: ...
+
+    def run(
+        self, patches: NDArray[np.uint8], params: RolloutParams
+    ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """(B, grid_h, grid_w, P*P*C) uint8 -> (B, num_classes) logits, (B, grid_h, grid_w)."""
         ...
 
 
@@ -65,6 +79,30 @@ def candidate_providers(requested: list[str] | None) -> list[str]:
     return chosen
 
 
+def open_session(
+    graph: Path, providers: list[str], intra_op_threads: int = 0, spinning: bool = False
+) -> tuple[ort.InferenceSession, str]:
+    """A session on the first of `providers` that really works, and that provider's name.
+
+    `spinning`: let ORT's intra-op threads spin-wait for work after each run. A benchmark of
+    one session alone gains a little from it; a server loses more, because the spinning threads
+    burn the cores that decoding and the event loop need between batches.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        session = ort.InferenceSession(str(graph), options, providers=providers)
+    except Exception as exc:  # ORT raises its own untyped errors (Fail, InvalidGraph, ...)
+        raise RuntimeLoadError(f"could not load {graph}: {exc}") from exc
+    # ORT silently drops a provider whose libraries fail to load: ask what it really uses.
+    provider = str(session.get_providers()[0])
+    if providers[0] != provider:
+        log.warning("%s: wanted %s, running on %s", graph, providers[0], provider)
+    return session, provider
+
+
 class OnnxBackend:
     """One InferenceSession for one model version's graph."""
 
@@ -74,20 +112,10 @@ class OnnxBackend:
         spec: ModelSpec,
         providers: list[str],
         intra_op_threads: int = 0,
+        spinning: bool = False,
     ) -> None:
         self.spec = spec
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self._session = ort.InferenceSession(str(graph), options, providers=providers)
-        except Exception as exc:  # ORT raises its own untyped errors (Fail, InvalidGraph, ...)
-            raise RuntimeLoadError(f"could not load {graph}: {exc}") from exc
-        # ORT silently drops a provider whose libraries fail to load: ask what it really uses.
-        in_use = self._session.get_providers()
-        self._provider = str(in_use[0])
-        if providers[0] != self._provider:
-            log.warning("%s: wanted %s, running on %s", graph, providers[0], self._provider)
+        self._session, self._provider = open_session(graph, providers, intra_op_threads, spinning)
         self._input = spec.input_name
         self._output = spec.outputs[0].name
 
@@ -108,5 +136,56 @@ class OnnxBackend:
         if logits.shape != expected:
             raise RuntimeLoadError(
                 f"model {self.spec.name}: the graph returns logits of shape {logits.shape}, "
+                f"model.json promises {expected}"
+            )
+
+
+class OnnxRolloutBackend:
+    """One InferenceSession for one model version's rollout graph (`model.rollout.onnx`)."""
+
+    def __init__(
+        self,
+        graph: Path,
+        spec: ModelSpec,
+        providers: list[str],
+        intra_op_threads: int = 0,
+        spinning: bool = False,
+    ) -> None:
+        if spec.rollout is None:
+            raise RuntimeLoadError(f"{graph}: model.json of {spec.name} has no rollout contract")
+        self.spec = spec
+        contract = spec.rollout
+        # The contract's order: inputs (patches, head_fusion, discard_ratio), outputs (logits,
+        # rollout); `app.spec.rollout_contract` writes them so.
+        self._patches, self._fusion, self._ratio = (t.name for t in contract.inputs)
+        self._outputs = [t.name for t in contract.outputs]
+        self._fusion_index = {name: i for i, name in enumerate(contract.head_fusions)}
+        self._session, self._provider = open_session(graph, providers, intra_op_threads, spinning)
+
+    @property
+    def provider(self) -> str:
+        return self._provider
+
+    def run(
+        self, patches: NDArray[np.uint8], params: RolloutParams
+    ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        feeds = {
+            self._patches: patches,
+            self._fusion: np.array(self._fusion_index[params.head_fusion], dtype=np.int64),
+            self._ratio: np.array(params.discard_ratio, dtype=np.float32),
+        }
+        logits, rollout = self._session.run(self._outputs, feeds)
+        return np.asarray(logits, dtype=np.float32), np.asarray(rollout, dtype=np.float32)
+
+    def warm_up(self, grid: tuple[int, int] | None = None, batch: int = 1) -> None:
+        """Run once, as the plain graph is, and check both outputs' shapes."""
+        gh, gw = grid or self.spec.architecture.grid
+        patches = np.zeros((batch, gh, gw, self.spec.architecture.patch_dim), dtype=np.uint8)
+        logits, rollout = self.run(patches, RolloutParams())
+        expected = [(batch, self.spec.architecture.num_classes), (batch, gh, gw)]
+        got = [logits.shape, rollout.shape]
+        if got != expected:
+            raise RuntimeLoadError(
+                f"model {self.spec.name}: the rollout graph returns outputs of shapes {got}, "
                 f"model.json promises {expected}"
             )

@@ -57,7 +57,8 @@ class Preprocess(_Frozen):
     resize_mode: Literal["shorter_side", "squash"] = Field(
         default="shorter_side",
         description="shorter_side: scale the shorter side to input/crop_pct, then centre-crop "
-        "(timm, torchvision); squash: resize both sides straight to the input size (Hugging Face)",
+        "(timm, torchvision); squash: resize both sides to input/crop_pct, then centre-crop "
+        "(Hugging Face; timm's squash crop mode)",
     )
     crop_pct: float = Field(default=1.0, gt=0.0, le=1.0)
     interpolation: Interpolation = "bilinear"

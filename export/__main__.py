@@ -1,37 +1,129 @@
 """`python -m export`: turn a trained ViT into a model-repository entry the service can serve.
 
-    python -m export --checkpoint build/demo/checkpoint.pt --name demo-shapes --repo model_repo
+    python -m export --checkpoint build/demo/checkpoint.pt --name demo-shapes
+    python -m export --timm vit_base_patch16_224 --pretrained --name vit-b16-timm
+    python -m export --timm vit_base_patch16_224 --weights finetuned.safetensors --name mine
+    python -m export --hf path/to/save_pretrained_dir --name vit-b16-hf
+    python -m export --torchvision vit_b_16 --weights vit_b_16-c867db91.pth --name vit-b16-tv
 
-The graph is parity-checked against PyTorch at several grids before anything is written.
+Weights from timm, Hugging Face or torchvision are mapped into the reference ViT; where the
+source library is installed the mapping is first checked against the library's own forward
+at the native size. The graph is then parity-checked against PyTorch at several grids before
+anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from app.spec import MODEL_NAME_PATTERN, Source
-from export.checkpoints import load_checkpoint
+from export.checkpoints import (
+    LoadedViT,
+    UnsupportedCheckpointError,
+    load_checkpoint,
+    source_parity,
+)
+from export.import_hf import load_hf
+from export.import_timm import load_timm
+from export.import_torchvision import TORCHVISION_ARCHS, load_torchvision
 from export.onnx_export import PARITY_ATOL, ParityError, export_to_repository
 
+log = logging.getLogger("export")
 
-def main(argv: list[str] | None = None) -> int:
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="a vit-serve checkpoint (.pt)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a vit-serve checkpoint (.pt)")
+    src.add_argument("--timm", metavar="MODEL", help="a timm model name, e.g. vit_base_patch16_224")
+    src.add_argument("--hf", type=Path, metavar="DIR", help="a ViTForImageClassification directory")
+    src.add_argument(
+        "--torchvision",
+        choices=sorted(TORCHVISION_ARCHS),
+        help="a torchvision ViT (with --weights)",
+    )
+    p.add_argument("--weights", type=Path, help="weights file (.pth, .pt, .bin, .safetensors)")
+    p.add_argument("--pretrained", action="store_true", help="timm: download timm's weights")
+    p.add_argument(
+        "--timm-args",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help='timm.create_model keyword arguments, e.g. \'{"global_pool": "avg"}\'',
+    )
+    p.add_argument(
+        "--heads", type=int, default=None, help="torchvision: attention heads of a custom size"
+    )
+    p.add_argument(
+        "--tv-weights",
+        default=None,
+        metavar="NAME",
+        help="torchvision: the weights enum whose preprocessing to use, e.g. "
+        "IMAGENET1K_SWAG_LINEAR_V1 (default: the first for the native size)",
+    )
     p.add_argument("--name", required=True, help=f"model name, {MODEL_NAME_PATTERN}")
     p.add_argument("--repo", type=Path, default=Path("model_repo"), help="model repository root")
     p.add_argument("--version", type=int, default=None, help="default: the highest + 1")
     p.add_argument("--atol", type=float, default=PARITY_ATOL, help="max |logit diff| allowed")
+    p.add_argument(
+        "--no-source-check",
+        action="store_true",
+        help="skip comparing the mapped model with the source library's own forward",
+    )
+    return p
+
+
+def load(args: argparse.Namespace) -> LoadedViT:
+    if args.checkpoint is not None:
+        return load_checkpoint(args.checkpoint)
+    if args.timm is not None:
+        return load_timm(args.timm, args.pretrained, args.weights, args.timm_args)
+    if args.hf is not None:
+        return load_hf(args.hf)
+    if args.weights is None:
+        raise ValueError("--torchvision needs --weights (a state dict file)")
+    return load_torchvision(args.torchvision, args.weights, args.heads, args.tv_weights)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
+    if args.pretrained and args.timm is None:
+        p.error("--pretrained goes with --timm")
+    if args.weights is not None and args.timm is None and args.torchvision is None:
+        p.error("--weights goes with --timm or --torchvision")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
-    loaded = load_checkpoint(args.checkpoint)
+    try:
+        loaded = load(args)
+    except ImportError as e:
+        log.error("%s: install it to import from it (pip install %s)", e, e.name or "it")
+        return 1
+    except (UnsupportedCheckpointError, ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 1
+    if not args.no_source_check:
+        diff = source_parity(loaded)
+        if diff is None:
+            log.info("source library not installed: mapping not checked against it")
+        elif diff > args.atol:
+            log.error(
+                "the mapped model differs from %s's own forward by %.2e > %.0e; nothing written",
+                loaded.framework,
+                diff,
+                args.atol,
+            )
+            return 1
+        else:
+            log.info("mapping matches %s's own forward: max |diff| %.2e", loaded.framework, diff)
     try:
         result = export_to_repository(
             loaded.model,
@@ -40,16 +132,18 @@ def main(argv: list[str] | None = None) -> int:
             labels=loaded.labels,
             preprocess=loaded.preprocess,
             source=Source(
-                framework="vit-serve", checkpoint=args.checkpoint.name, notes=loaded.source
+                framework=loaded.framework,
+                checkpoint=loaded.checkpoint,
+                notes=loaded.source,
             ),
             version=args.version,
             atol=args.atol,
         )
     except ParityError as e:
-        logging.error("%s", e)
+        log.error("%s", e)
         return 1
     worst = result.parity.worst
-    logging.info("exported %s version %d (parity %.2e)", args.name, result.version, worst)
+    log.info("exported %s version %d (parity %.2e)", args.name, result.version, worst)
     return 0
 
 

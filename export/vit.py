@@ -3,14 +3,15 @@
 It takes what the service sends, uint8 patch vectors `(B, grid_h, grid_w, P*P*C)` in
 (row, col, channel) order, so the exported graph reads the grid from its input's shape and
 resamples the learned position embeddings to it. Checkpoints from other libraries are mapped
-into this module (export/checkpoints.py) rather than exported from the library's own code, whose
-exports bake in the native grid.
+into this module (export/import_timm.py, import_hf.py, import_torchvision.py) rather than
+exported from the library's own code, whose exports bake in the native grid.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,18 +27,40 @@ class ViTConfig:
     depth: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
+    # The MLP's hidden width when it is not int(embed_dim * mlp_ratio) (Hugging Face configs
+    # give it as intermediate_size).
+    mlp_dim: int | None = None
     num_classes: int = 1000
     qkv_bias: bool = True
     ln_eps: float = 1e-6
     # Per-channel normalisation in 0..1 pixel units; folded into the patch embedding at export.
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    # How position embeddings are resampled to another grid (align_corners as in the source).
+    # How position embeddings are resampled to another grid, as the source library does it:
+    # bicubic, align_corners as in the source (torchvision's offline tool: True); antialias as
+    # timm's resampler (PIL's cubic kernel, widened when shrinking: see
+    # `antialiased_bicubic_weights`).
     pos_interp_align_corners: bool = False
+    pos_interp_antialias: bool = False
+    # What the head sees: the class token ("token") or the mean of the patch tokens ("avg").
+    pool: Literal["token", "avg"] = "token"
+    # The final LayerNorm after pooling (timm's fc_norm) instead of before it. The same thing
+    # for token pooling (LayerNorm is per token); for avg pooling it is not.
+    fc_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pool not in ("token", "avg"):
+            raise ValueError(f"pool must be 'token' or 'avg', not {self.pool!r}")
+        if self.pos_interp_antialias and self.pos_interp_align_corners:
+            raise ValueError("antialiased resampling is implemented for align_corners=False only")
 
     @property
     def patch_dim(self) -> int:
         return self.patch_size * self.patch_size * self.channels
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_dim if self.mlp_dim is not None else int(self.embed_dim * self.mlp_ratio)
 
     @property
     def head_dim(self) -> int:
@@ -62,8 +85,44 @@ class ViTConfig:
         return cls(**{**sizes[name], **overrides})  # type: ignore[arg-type]
 
 
-def resample_grid(pos: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
+def _pil_cubic(x: Tensor) -> Tensor:
+    """Keys' cubic kernel with a = -0.5 (PIL's, and torch's antialiased bicubic's)."""
+    a = -0.5
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def antialiased_bicubic_weights(in_size: int, out_size: int) -> Tensor:
+    """(out_size, in_size) weights of torch's `interpolate(bicubic, antialias=True)` on one axis.
+
+    The algorithm of ATen's `_compute_indices_min_size_weights_aa` (align_corners=False): output
+    i is centred at scale * (i + 0.5) in input coordinates, scale = in / out; when shrinking the
+    kernel is widened by `scale`; each row is normalised to sum to 1 over the input's extent.
+    Written as tensor arithmetic on the sizes, so a traced graph computes the weights for
+    whatever grid it is fed (the TorchScript exporter cannot export `_upsample_bicubic2d_aa`).
+    """
+    out_idx = torch.arange(out_size, dtype=torch.float32)  # (out,)
+    in_idx = torch.arange(in_size, dtype=torch.float32)  # (in,)
+    scale = torch.full((), float(in_size)) / out_idx.shape[0]  # 0-d, float32 as ATen's
+    invscale = torch.where(scale >= 1.0, 1.0 / scale, torch.ones_like(scale))
+    center = scale * (out_idx + 0.5)  # (out,)
+    w = _pil_cubic((in_idx[None, :] - center[:, None] + 0.5) * invscale)  # (out, in)
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def resample_grid(
+    pos: Tensor, size: tuple[int, int], align_corners: bool, antialias: bool = False
+) -> Tensor:
     """Bicubically resample a (1, gh, gw, D) grid of position embeddings to `size`."""
+    if antialias:
+        _, gh, gw, D = pos.shape
+        rows = antialiased_bicubic_weights(gh, size[0])  # (h, gh)
+        cols = antialiased_bicubic_weights(gw, size[1])  # (w, gw)
+        x = (rows @ pos.reshape(gh, gw * D)).reshape(-1, gw, D)  # (h, gw, D)
+        x = cols @ x  # (h, w, D): (w, gw) @ (h, gw, D) broadcast over h
+        return x.unsqueeze(0)  # (1, h, w, D)
     grid = pos.permute(0, 3, 1, 2)  # (1, D, gh, gw)
     grid = F.interpolate(grid, size=size, mode="bicubic", align_corners=align_corners)
     return grid.permute(0, 2, 3, 1)  # (1, h, w, D)
@@ -127,7 +186,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+        hidden = cfg.mlp_hidden
         self.fc1 = nn.Linear(cfg.embed_dim, hidden)
         self.fc2 = nn.Linear(hidden, cfg.embed_dim)
 
@@ -192,7 +251,12 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         # Traced for export: always resample, so the graph serves every grid (at the native
         # grid bicubic resampling with align_corners=False is the identity).
-        grid = resample_grid(grid, (grid_h, grid_w), self.cfg.pos_interp_align_corners)
+        grid = resample_grid(
+            grid,
+            (grid_h, grid_w),
+            self.cfg.pos_interp_align_corners,
+            self.cfg.pos_interp_antialias,
+        )
         return torch.cat([cls_pos, grid.reshape(1, grid_h * grid_w, -1)], dim=1)
 
     def forward_features(self, patches: Tensor, need_probs: bool = False) -> ViTOutput:
@@ -205,8 +269,19 @@ class VisionTransformer(nn.Module):
             x, probs = block(x, need_probs)
             if probs is not None:
                 attentions.append(probs)
-        y = self.norm(x[:, 0])  # (B, D)
+        y = self.pool(x)  # (B, D)
         return ViTOutput(logits=self.head(y), attentions=attentions)
+
+    def pool(self, x: Tensor) -> Tensor:
+        """(B, 1+N, D) encoder output -> (B, D), final LayerNorm included."""
+        y: Tensor
+        if self.cfg.pool == "token":
+            y = self.norm(x[:, 0])  # the same as norm-then-pick: LayerNorm is per token
+        elif self.cfg.fc_norm:
+            y = self.norm(x[:, 1:].mean(dim=1))
+        else:
+            y = self.norm(x[:, 1:]).mean(dim=1)
+        return y
 
     def forward(self, patches: Tensor) -> Tensor:
         return self.forward_features(patches).logits

@@ -22,6 +22,7 @@ from app.errors import (
     NoImageError,
     NotReadyError,
     PayloadTooLargeError,
+    RolloutUnavailableError,
     TooManyImagesError,
     UnsupportedMediaTypeError,
 )
@@ -34,6 +35,7 @@ STATUS_OF: dict[type[Exception], int] = {
     NoImageError: 400,
     BadRequestBodyError: 400,
     ImageDecodeError: 400,
+    RolloutUnavailableError: 400,
     UnknownModelError: 404,
     PayloadTooLargeError: 413,
     TooManyImagesError: 413,

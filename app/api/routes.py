@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 
 from app.api.deps import ClassifierDep
 from app.api.schemas import (
@@ -16,13 +16,15 @@ from app.api.schemas import (
     Status,
 )
 from app.api.uploads import read_uploads
+from app.rollout import HeadFusion, RolloutParams
 
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
-        400: "not an image, truncated, or no image in the request",
+        400: "not an image, truncated, no image in the request, or rollout asked of a model "
+        "version without a rollout graph",
         404: "unknown model or version",
         413: "body, image pixels or image count over the limit",
         415: "not multipart/form-data or image/*",
@@ -52,7 +54,14 @@ _BODY: dict[str, Any] = {
 }
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_BODY)
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    # Fields a request did not ask for (`rollout`, `heatmap_png`) are left out, not null.
+    response_model_exclude_none=True,
+    responses=_ERRORS,
+    openapi_extra=_BODY,
+)
 async def classify(
     request: Request,
     classifier: ClassifierDep,
@@ -65,10 +74,49 @@ async def classify(
         Literal["crop", "fit"],
         Query(description="crop: the training preprocessing; fit: keep the aspect ratio"),
     ] = "crop",
+    rollout: Annotated[
+        Literal["false", "true", "png"],
+        Query(
+            description="true: add each image's attention rollout grid (runs the rollout graph); "
+            "png: also a heatmap of it over the image"
+        ),
+    ] = "false",
+    head_fusion: Annotated[
+        HeadFusion, Query(description="rollout: how each block's attention heads are fused")
+    ] = "mean",
+    discard_ratio: Annotated[
+        float,
+        Query(
+            ge=0.0,
+            lt=1.0,
+            allow_inf_nan=False,
+            description="rollout: fraction of lowest attentions zeroed per block",
+        ),
+    ] = 0.0,
+    timeout_ms: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            allow_inf_nan=False,
+            description="this request's deadline in ms; lowers the server's, never raises it",
+        ),
+    ] = None,
+    x_request_timeout_ms: Annotated[
+        float | None,
+        Header(gt=0, allow_inf_nan=False, description="as timeout_ms; the lower of both wins"),
+    ] = None,
 ) -> ClassifyResponse:
+    given = [t for t in (timeout_ms, x_request_timeout_ms) if t is not None]
     uploads = await read_uploads(request, classifier.settings)
     result = await classifier.classify(
-        uploads, model=model, version=version, top_k=top_k, resize=resize
+        uploads,
+        model=model,
+        version=version,
+        top_k=top_k,
+        resize=resize,
+        rollout=None if rollout == "false" else RolloutParams(head_fusion, discard_ratio),
+        heatmap=rollout == "png",
+        timeout_ms=min(given, default=None),
     )
     return ClassifyResponse.model_validate(result)
 
@@ -98,6 +146,7 @@ async def models(classifier: ClassifierDep) -> ModelsResponse:
                 default=name == repository.default_model,
                 versions=sorted(entry.versions),
                 default_version=entry.default_version,
+                rollout_versions=classifier.rollout_versions(entry),
                 num_classes=arch.num_classes,
                 patch_size=arch.patch_size,
                 native_grid=arch.grid,

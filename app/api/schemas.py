@@ -17,11 +17,26 @@ class Prediction(_Schema):
     score: float = Field(description="softmax probability")
 
 
+class Rollout(_Schema):
+    grid: list[list[float]] = Field(
+        description="grid_h rows of grid_w values: the class token's rolled-out attention to "
+        "each patch (Abnar & Zuidema 2020), scaled so the largest is 1"
+    )
+    head_fusion: Literal["mean", "max", "min"] = Field(description="how each block's heads fused")
+    discard_ratio: float = Field(description="fraction of the lowest attentions zeroed per block")
+    heatmap_png: str | None = Field(
+        default=None,
+        description="only with rollout=png: a base64 PNG of the map blended over the image, at "
+        "its size after EXIF orientation (with resize=crop, over the centre crop only)",
+    )
+
+
 class ImageResult(_Schema):
     predictions: list[Prediction] = Field(description="sorted by score, highest first")
     image_size: tuple[int, int] = Field(description="[width, height] after EXIF orientation")
     grid: tuple[int, int] = Field(description="[grid_h, grid_w] patches the model saw")
     resize: Literal["crop", "fit"]
+    rollout: Rollout | None = Field(default=None, description="only with rollout=true or png")
 
 
 class Timing(_Schema):
@@ -48,6 +63,9 @@ class ModelInfo(_Schema):
     default: bool = Field(description="served when a request names no model")
     versions: list[int]
     default_version: int = Field(description="served when a request names no version")
+    rollout_versions: list[int] = Field(
+        description="versions with a rollout graph: these can answer rollout=true or png"
+    )
     num_classes: int
     patch_size: int
     native_grid: tuple[int, int] = Field(description="[grid_h, grid_w] the weights were trained at")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from app.classifier import BackendFactory
+from app.classifier import BackendFactory, RolloutBackendFactory
 from app.main import create_app
 from app.repository import ModelVersion
 from app.settings import Settings
@@ -23,9 +23,11 @@ ClientFactory = Callable[..., contextlib.AbstractAsyncContextManager[httpx.Async
 
 @contextlib.asynccontextmanager
 async def serve(
-    settings: Settings, backend_factory: BackendFactory | None = None
+    settings: Settings,
+    backend_factory: BackendFactory | None = None,
+    rollout_factory: RolloutBackendFactory | None = None,
 ) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, backend_factory=backend_factory)
+    app = create_app(settings, backend_factory=backend_factory, rollout_factory=rollout_factory)
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,

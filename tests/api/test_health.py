@@ -56,6 +56,7 @@ async def test_models_describes_each_model(client: httpx.AsyncClient) -> None:
                 "default": True,
                 "versions": [1, 2],
                 "default_version": 2,
+                "rollout_versions": [1, 2],
                 "num_classes": 10,
                 "patch_size": 8,
                 "native_grid": [8, 8],

@@ -16,7 +16,7 @@ from app.batching import (
     BatchKey,
     DeadlineExceededError,
     InferenceError,
-    Logits,
+    Output,
     OverloadedError,
     ShuttingDownError,
 )
@@ -71,8 +71,8 @@ def image(key: BatchKey, ident: int) -> tuple[BatchKey, NDArray[np.uint8]]:
     return key, np.full((*key.grid, D), ident, dtype=np.uint8)
 
 
-def ident(logits: Logits) -> int:
-    return int(logits[0])
+def ident(output: Output) -> int:
+    return int(output.logits[0])
 
 
 def deadline_in(seconds: float) -> float:
@@ -86,12 +86,12 @@ class Harness:
 
     def submit(
         self, *requests: tuple[BatchKey, NDArray[np.uint8]], timeout: float = 10.0
-    ) -> asyncio.Task[list[Logits]]:
+    ) -> asyncio.Task[list[Output]]:
         """One request (all its images), running as its own task like an HTTP handler."""
         coro = self.batcher.infer(list(requests), deadline_in(timeout))
         return asyncio.get_running_loop().create_task(coro)
 
-    async def start_blocked(self) -> asyncio.Task[list[Logits]]:
+    async def start_blocked(self) -> asyncio.Task[list[Output]]:
         """A first request that is running (taken from the queue) and held in the backend."""
         await self.backend.hold()
         task = self.submit(image(SQUARE, 200))

@@ -129,6 +129,14 @@ def test_squash_resizes_straight_to_the_input_size() -> None:
     assert (plan.size, plan.box, plan.grid) == ((64, 64), None, (8, 8))
 
 
+def test_squash_with_a_crop_fraction_resizes_both_sides_then_centre_crops() -> None:
+    # timm's squash crop mode, Hugging Face's resize + centre crop (DeiT's 256 -> 224)
+    spec = make_spec(Preprocess(resize_mode="squash", crop_pct=0.8, interpolation="bilinear"))
+    plan = crop_plan(640, 100, spec)
+    # both sides to floor(64 / 0.8) = 80, then the centre 64x64
+    assert (plan.size, plan.box, plan.grid) == ((80, 80), (8, 8, 72, 72), (8, 8))
+
+
 def test_crop_output_is_exactly_pillow_resize_then_centre_crop() -> None:
     img = noise(120, 90, seed=3)
     expected = np.asarray(img.resize((97, 73), Image.Resampling.BICUBIC).crop((16, 4, 80, 68)))
@@ -148,7 +156,7 @@ def test_crop_output_is_exactly_pillow_resize_then_centre_crop() -> None:
         (128, 64, 64, 128, (6, 11)),  # sqrt(32) = 5.66 -> 6, sqrt(128) = 11.3 -> 11
         (64, 128, 64, 128, (11, 6)),
         (13, 13, 64, 128, (8, 8)),  # small images are scaled up to the native token count
-        (1000, 10, 64, 128, (1, 80)),  # at least one patch per side
+        (1000, 10, 64, 128, (1, 91)),  # at least one patch per side (100:1 snaps to 128:1)
         (100_000, 10, 64, 128, (1, 128)),  # capped: one row of fit_max_tokens patches
         (10, 100_000, 64, 128, (128, 1)),
         (300, 200, 196, 392, (11, 17)),  # ViT-B/16 at 224: 187 tokens for a 3:2 photo

@@ -1,0 +1,254 @@
+"""Prometheus metrics: one registry per app, fed by small hooks on the request path.
+
+Latencies are histograms (never summaries) so quantiles aggregate across replicas in PromQL
+(`histogram_quantile(0.99, sum by (le) (rate(..._bucket[5m])))`). Request-scoped facts (which
+model a request resolved to, how long its preprocessing took) travel in a context variable that
+the request middleware opens, so the classifier reports them without knowing about HTTP; batch
+facts (queue wait, inference time, batch size) come from the batcher's observer hook.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+
+if TYPE_CHECKING:
+    from app.batching import BatchKey
+    from app.classifier import Classifier
+
+NAMESPACE = "vit_serve"
+
+# Seconds, ~1.5x apart from 1 ms to 10 s: p99 interpolated inside a bucket is off by at most
+# one step, and a CPU demo model's few-millisecond batches still land in distinct buckets.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
+)  # fmt: skip
+# Stages (queue wait, preprocessing, one batch) are often sub-millisecond on an idle server.
+STAGE_BUCKETS_S: tuple[float, ...] = (0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS_S)
+BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_TOKEN_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(4, 18))  # 16..131072
+
+# Probes and scrapes are not traffic: they stay out of the request metrics and the in-flight
+# gauge (a scrape would always count itself), and out of the access log at INFO.
+QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+UNMATCHED_ROUTE = "unmatched"  # every path no route serves: bounded label values
+
+
+@dataclass
+class RequestRecord:
+    """What one request learned on its way, for the middleware to report when it ends."""
+
+    request_id: str
+    model: str = ""  # the model it resolved to; "" before (or without) resolution
+    images: int = 0
+    preprocess_s: float | None = None
+    error_reason: str | None = None
+
+
+_current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
+    "vit_serve_request", default=None
+)
+
+
+@contextmanager
+def request_scope(record: RequestRecord) -> Iterator[RequestRecord]:
+    """Make `record` the current request's for the code this block runs (and its tasks)."""
+    token = _current.set(record)
+    try:
+        yield record
+    finally:
+        _current.reset(token)
+
+
+def current_request() -> RequestRecord | None:
+    return _current.get()
+
+
+def note_model(name: str) -> None:
+    """The current request is for model `name` (a resolved name: bounded label values)."""
+    record = _current.get()
+    if record is not None:
+        record.model = name
+
+
+def note_preprocessed(images: int, seconds: float) -> None:
+    """The current request's images are decoded, resized and patchified."""
+    record = _current.get()
+    if record is not None:
+        record.images = images
+        record.preprocess_s = seconds
+
+
+_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def error_reason(exc: BaseException) -> str:
+    """A short, bounded label for an error: `OverloadedError` -> "overloaded"."""
+    status = getattr(exc, "status_code", None)  # Starlette's HTTPException (404, 405, ...)
+    if isinstance(status, int):
+        return f"http_{status}"
+    name = type(exc).__name__
+    for suffix in ("Error", "Exception"):
+        if name.endswith(suffix) and name != suffix:
+            name = name[: -len(suffix)]
+    return _CAMEL.sub("_", name).lower()
+
+
+class Metrics:
+    """Every metric of one app, on its own registry (tests build many apps in one process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # No `_created` series beside every counter and histogram: twice the series, and
+        # Prometheus reads resets from the counters themselves. (A process-wide switch.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ns = NAMESPACE
+        ProcessCollector(registry=r)
+        self.request_duration = Histogram(
+            "request_duration_seconds",
+            "HTTP request duration, from the first byte in to the last byte out",
+            ["route", "status", "model"],
+            namespace=ns,
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.requests = Counter(
+            "requests",
+            "HTTP requests answered",
+            ["route", "status", "model"],
+            namespace=ns,
+            registry=r,
+        )
+        self.images = Counter(
+            "images", "images answered with a classification", ["model"], namespace=ns, registry=r
+        )
+        self.errors = Counter(
+            "errors",
+            "requests answered with an error status, by reason (the error's kind)",
+            ["route", "status", "reason"],
+            namespace=ns,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "requests_in_flight",
+            "HTTP requests being served (probes excluded)",
+            namespace=ns,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "queue_wait_seconds",
+            "time an image waited in the batcher's queue before its batch started",
+            ["model"],
+            namespace=ns,
+            buckets=STAGE_BUCKETS_S,
+            registry=r,
+        )
+        self.preprocess = Histogram(
+            "preprocess_seconds",
+            "a request's decode, resize and patchify time, all its images",
+            ["model"],
+            namespace=ns,
+            buckets=STAGE_BUCKETS_S,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "inference_seconds",
+            "one batch's run on the runtime (graph: plain or rollout)",
+            ["model", "graph"],
+            namespace=ns,
+            buckets=STAGE_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "batch_size",
+            "images per batch",
+            ["model"],
+            namespace=ns,
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "batch_tokens",
+            "patches per batch, summed over its images",
+            ["model"],
+            namespace=ns,
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "queue_depth", "images admitted and waiting for a batch", namespace=ns, registry=r
+        )
+        self.queue_capacity = Gauge(
+            "queue_capacity",
+            "images the queue admits before answering 503",
+            namespace=ns,
+            registry=r,
+        )
+        self.ready = Gauge(
+            "ready", "1 while /readyz answers 200 (loaded, not draining)", namespace=ns, registry=r
+        )
+        self.model_info = Gauge(
+            "model_info",
+            "1 for each served model version, with its provider and native grid",
+            ["model", "version", "provider", "grid"],
+            namespace=ns,
+            registry=r,
+        )
+
+    # --- hooks -----------------------------------------------------------------------------
+
+    def attach(self, classifier: Classifier, draining: Callable[[], bool]) -> None:
+        """Read the running classifier: gauges read at scrape time, model info, batch hook."""
+        self.queue_depth.set_function(lambda: classifier.batcher.queued)
+        self.ready.set_function(lambda: float(classifier.ready and not draining()))
+        self.queue_capacity.set(classifier.batcher.max_queue_images)
+        for version in classifier.repository.all_versions():
+            grid = version.spec.architecture.grid
+            self.model_info.labels(
+                model=version.name,
+                version=str(version.version),
+                provider=classifier.backends[(version.name, version.version)].provider,
+                grid=f"{grid[0]}x{grid[1]}",
+            ).set(1)
+        classifier.batcher.observer = self
+
+    def batch_done(self, key: BatchKey, queue_waits_s: Sequence[float], run_s: float) -> None:
+        """The batcher ran one batch of `key` (the batcher's observer protocol)."""
+        for wait in queue_waits_s:
+            self.queue_wait.labels(key.model).observe(wait)
+        self.inference.labels(key.model, key.graph).observe(run_s)
+        self.batch_size.labels(key.model).observe(len(queue_waits_s))
+        self.batch_tokens.labels(key.model).observe(len(queue_waits_s) * key.tokens)
+
+    def request_done(self, route: str, status: int, seconds: float, record: RequestRecord) -> None:
+        """One request answered (called by the request middleware)."""
+        code = str(status)
+        self.request_duration.labels(route, code, record.model).observe(seconds)
+        self.requests.labels(route, code, record.model).inc()
+        if record.preprocess_s is not None:
+            self.preprocess.labels(record.model).observe(record.preprocess_s)
+        if status < 400:
+            if record.images:
+                self.images.labels(record.model).inc(record.images)
+        else:
+            reason = record.error_reason or f"http_{status}"
+            self.errors.labels(route, code, reason).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,554 @@
+"""Load benchmark: the service against the machine's limit and a naive server, in one run.
+
+    .venv/bin/python -m bench.load                                  # the bundled demo model
+    .venv/bin/python -m bench.export_tiny && \\
+    .venv/bin/python -m bench.load --repo build/bench_repo --model vit-ti16
+    .venv/bin/python -m bench.load --soak-minutes 10                # and a soak at saturation
+
+In one process and one run, side by side:
+- raw: `session.run` of the same graph in this process at batch sizes 1..64 on the native grid
+  (the best img/s is the machine's limit; batch 1's median is the raw single-image latency);
+- service: `python -m app.server` (uvicorn, continuous batching) on a free 127.0.0.1 port;
+- naive: `bench.naive_server` (the same graph and preprocessing, `session.run` per request);
+each at concurrency 1, 4, 16 and 64, bounded in requests and seconds per level, fed the real
+photos in ../shared/testdata/photos (generated JPEGs when that folder is absent), one image per
+request with the raw body. The client is a minimal HTTP/1.1 keep-alive client on asyncio
+streams: on a 2-core machine the client shares the CPU with the server, so it must cost little.
+The service's batch-size distribution is read from its /metrics histogram.
+
+`--soak-minutes N` then runs the service at concurrency 64 for N minutes, sampling its resident
+memory (/proc) and counting requests lost (no 200 answer). Figures are printed and written to
+bench/results/load_<model>.json with a PNG plot beside it. Nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from app.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTOS = ROOT.parent / "shared" / "testdata" / "photos"
+HOST = "127.0.0.1"
+CONCURRENCY = (1, 4, 16, 64)
+RAW_BATCHES = (1, 4, 8, 16, 32, 64)
+
+
+# --- the raw limit --------------------------------------------------------------------------
+
+
+@dataclass
+class RawResult:
+    batch: int
+    img_per_s: float
+    ms_per_batch_p50: float
+
+
+def raw_throughput(
+    session: ort.InferenceSession, spec: ModelSpec, batch: int, seconds: float
+) -> RawResult:
+    """Median batch time of `session.run` at the native grid, after a warm-up."""
+    gh, gw = spec.architecture.grid
+    x = np.random.default_rng(0).integers(
+        0, 256, (batch, gh, gw, spec.architecture.patch_dim), dtype=np.uint8
+    )
+    for _ in range(3):
+        session.run(None, {spec.input_name: x})
+    times: list[float] = []
+    stop_at = time.perf_counter() + seconds
+    while (time.perf_counter() < stop_at or len(times) < 5) and len(times) < 100_000:
+        t0 = time.perf_counter()
+        session.run(None, {spec.input_name: x})
+        times.append(time.perf_counter() - t0)
+    p50 = statistics.median(times)
+    return RawResult(batch=batch, img_per_s=batch / p50, ms_per_batch_p50=p50 * 1e3)
+
+
+# --- images ---------------------------------------------------------------------------------
+
+
+def load_images(limit: int = 100) -> tuple[list[bytes], str]:
+    files = sorted(PHOTOS.glob("*.*"))[:limit] if PHOTOS.is_dir() else []
+    if files:
+        return [f.read_bytes() for f in files], f"{len(files)} photos from {PHOTOS}"
+    print(f"note: {PHOTOS} is absent; sending 20 generated 500x375 JPEGs instead")
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(20):
+        buf = io.BytesIO()
+        pixels = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+        images.append(buf.getvalue())
+    return images, "20 generated 500x375 JPEGs (../shared/testdata/photos is absent)"
+
+
+# --- a small HTTP/1.1 client ----------------------------------------------------------------
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection: POST a body, read status and body."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        return cls(reader, writer)
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        await self.writer.drain()
+        header = await self.reader.readuntil(b"\r\n\r\n")
+        lines = header.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+async def get(port: int, path: str) -> tuple[int, bytes]:
+    conn = await Connection.open(port)
+    try:
+        return await conn.request("GET", path)
+    finally:
+        await conn.close()
+
+
+# --- load -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    server: str
+    concurrency: int
+    requests: int
+    ok: int
+    errors: int
+    lost: int  # sent and never answered (connection broken)
+    seconds: float
+    img_per_s: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    latency_ms_p99: float
+    batch_sizes: dict[str, int] = field(default_factory=dict)  # histogram bucket "le" -> count
+    mean_batch_size: float | None = None
+
+
+async def load(
+    port: int,
+    path: str,
+    images: list[bytes],
+    concurrency: int,
+    requests: int,
+    max_seconds: float,
+    server: str,
+) -> LoadResult:
+    """`requests` POSTs (or as many as fit in `max_seconds`) from `concurrency` connections."""
+    latencies: list[float] = []
+    errors = lost = sent = 0
+    stop_at = time.monotonic() + max_seconds
+
+    async def worker() -> None:
+        nonlocal sent, errors, lost
+        conn: Connection | None = None
+        try:
+            while sent < requests and time.monotonic() < stop_at:
+                body = images[sent % len(images)]
+                sent += 1
+                t0 = time.perf_counter()
+                try:
+                    if conn is None:
+                        conn = await Connection.open(port)
+                    status, _ = await asyncio.wait_for(conn.request("POST", path, body), 120)
+                except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                    lost += 1
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+                    continue
+                latencies.append(time.perf_counter() - t0)
+                if status != 200:
+                    errors += 1
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    lat = np.array(latencies or [float("nan")]) * 1e3
+    return LoadResult(
+        server=server,
+        concurrency=concurrency,
+        requests=sent,
+        ok=len(latencies) - errors,
+        errors=errors,
+        lost=lost,
+        seconds=round(elapsed, 2),
+        img_per_s=(len(latencies) - errors) / elapsed,
+        latency_ms_p50=float(np.percentile(lat, 50)),
+        latency_ms_p95=float(np.percentile(lat, 95)),
+        latency_ms_p99=float(np.percentile(lat, 99)),
+    )
+
+
+# --- the servers ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_ready(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    stop_at = time.monotonic() + timeout_s
+    while time.monotonic() < stop_at:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            if (await get(port, "/readyz"))[0] == 200:
+                return
+        await asyncio.sleep(0.2)
+    raise TimeoutError("the server did not become ready")
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def service_command(repo: Path, model: str, port: int) -> tuple[list[str], dict[str, str]]:
+    env = {
+        "VIT_SERVE_MODEL_REPO": str(repo),
+        "VIT_SERVE_DEFAULT_MODEL": model,
+        "VIT_SERVE_PORT": str(port),
+        "VIT_SERVE_LOG_LEVEL": "WARNING",
+        "VIT_SERVE_SHUTDOWN_DELAY_S": "0",
+    }
+    return [sys.executable, "-m", "app.server"], env
+
+
+def naive_command(repo: Path, model: str, port: int) -> tuple[list[str], dict[str, str]]:
+    cmd = [sys.executable, "-m", "bench.naive_server", "--repo", str(repo), "--model", model]
+    return [*cmd, "--port", str(port)], {}
+
+
+_BUCKET = re.compile(r'^vit_serve_batch_size_bucket\{[^}]*le="([^"]+)"[^}]*\} ([0-9.e+]+)$')
+_SUM_COUNT = re.compile(r"^vit_serve_batch_size_(sum|count)\{[^}]*\} ([0-9.e+]+)$")
+
+
+async def batch_histogram(port: int) -> dict[str, float]:
+    """The service's cumulative batch-size histogram: {"le=1": n, ..., "sum": s, "count": c}."""
+    status, body = await get(port, "/metrics")
+    found: dict[str, float] = {}
+    if status != 200:
+        return found
+    for line in body.decode().splitlines():
+        if m := _BUCKET.match(line):
+            found[f"le={m.group(1)}"] = found.get(f"le={m.group(1)}", 0.0) + float(m.group(2))
+        elif m := _SUM_COUNT.match(line):
+            found[m.group(1)] = found.get(m.group(1), 0.0) + float(m.group(2))
+    return found
+
+
+def histogram_delta(
+    before: dict[str, float], after: dict[str, float]
+) -> tuple[dict[str, int], float | None]:
+    """Batches per size range between two scrapes (non-cumulative), and the mean batch size."""
+    cumulative = {k: after[k] - before.get(k, 0.0) for k in after if k.startswith("le=")}
+    ranges: dict[str, int] = {}
+    previous_le, previous = "0", 0.0
+    for key in sorted(cumulative, key=lambda k: float(k[3:])):
+        le = key[3:]
+        count = round(cumulative[key] - previous)
+        if count:
+            lo = float(previous_le)
+            label = le if float(le) - lo <= 1 else f"{int(lo) + 1}-{le.removesuffix('.0')}"
+            ranges[label.removesuffix(".0")] = count
+        previous_le, previous = le, cumulative[key]
+    batches = after.get("count", 0.0) - before.get("count", 0.0)
+    images = after.get("sum", 0.0) - before.get("sum", 0.0)
+    return ranges, (images / batches if batches else None)
+
+
+async def run_levels(
+    name: str,
+    port: int,
+    images: list[bytes],
+    concurrencies: list[int],
+    requests: int,
+    max_seconds: float,
+    path: str,
+    with_histogram: bool,
+) -> list[LoadResult]:
+    results = []
+    for c in concurrencies:
+        # Warm-up at this concurrency: connections, thread pools, ORT's arena per batch size.
+        await load(port, path, images, c, max(2 * c, 20), 10, name)
+        before = await batch_histogram(port) if with_histogram else {}
+        result = await load(port, path, images, c, requests, max_seconds, name)
+        if with_histogram:
+            result.batch_sizes, result.mean_batch_size = histogram_delta(
+                before, await batch_histogram(port)
+            )
+        print(format_load(result))
+        results.append(result)
+    return results
+
+
+def format_load(r: LoadResult) -> str:
+    batches = f"  mean batch {r.mean_batch_size:.1f}" if r.mean_batch_size else ""
+    return (
+        f"{r.server:>7} concurrency {r.concurrency:>2}: {r.img_per_s:8.1f} img/s  "
+        f"p50 {r.latency_ms_p50:7.1f}  p95 {r.latency_ms_p95:7.1f}  p99 {r.latency_ms_p99:7.1f} ms"
+        f"  ({r.ok} ok, {r.errors} errors, {r.lost} lost){batches}"
+    )
+
+
+# --- soak -----------------------------------------------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+async def soak(
+    port: int, pid: int, images: list[bytes], path: str, minutes: float, concurrency: int
+) -> dict[str, Any]:
+    """Saturate for `minutes`, sampling RSS every few seconds; RSS growth and requests lost."""
+    seconds = minutes * 60
+    samples: list[tuple[float, int]] = []
+    t0 = time.monotonic()
+    task = asyncio.create_task(
+        load(port, path, images, concurrency, 10**9, seconds, "soak"), name="soak"
+    )
+    while not task.done():
+        samples.append((round(time.monotonic() - t0, 1), rss_bytes(pid)))
+        await asyncio.wait({task}, timeout=5)
+    result = task.result()
+    # The first samples include the arena growing to its working set: start after 10% of the run.
+    settled = [rss for t, rss in samples if t >= 0.1 * seconds] or [rss for _, rss in samples]
+    start, end = statistics.median(settled[:3]), statistics.median(settled[-3:])
+    summary = {
+        "minutes": minutes,
+        "concurrency": concurrency,
+        "load": asdict(result),
+        "rss_mib_first": round(samples[0][1] / 2**20, 1),
+        "rss_mib_settled_start": round(start / 2**20, 1),
+        "rss_mib_end": round(end / 2**20, 1),
+        "rss_mib_max": round(max(rss for _, rss in samples) / 2**20, 1),
+        "rss_growth_pct": round(100 * (end - start) / start, 2),
+        "lost": result.lost,
+        "non_200": result.errors,
+        "rss_samples": [[t, round(rss / 2**20, 1)] for t, rss in samples],
+    }
+    print(
+        f"soak {minutes} min at concurrency {concurrency}: {result.img_per_s:.1f} img/s, "
+        f"RSS {summary['rss_mib_settled_start']} -> {summary['rss_mib_end']} MiB "
+        f"({summary['rss_growth_pct']:+.2f}%), {result.lost} lost, {result.errors} non-200"
+    )
+    return summary
+
+
+# --- plot -----------------------------------------------------------------------------------
+
+
+def plot(path: Path, model: str, results: list[LoadResult], raw_limit: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tp, ax_p99) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for server, marker in (("service", "o"), ("naive", "s")):
+        rows = [r for r in results if r.server == server]
+        if not rows:
+            continue
+        xs = [r.concurrency for r in rows]
+        ax_tp.plot(xs, [r.img_per_s for r in rows], marker=marker, label=server)
+        ax_p99.plot(xs, [r.latency_ms_p99 for r in rows], marker=marker, label=server)
+    ax_tp.axhline(raw_limit, color="grey", linestyle="--", label="raw ONNX Runtime limit")
+    for ax, label in ((ax_tp, "images / s"), (ax_p99, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(CONCURRENCY), [str(c) for c in CONCURRENCY])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    ax_p99.set_yscale("log")
+    fig.suptitle(f"{model}: throughput and p99 against concurrency ({os.cpu_count()} CPUs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+async def bench_servers(a: argparse.Namespace, images: list[bytes]) -> dict[str, Any]:
+    out: dict[str, Any] = {"service": [], "naive": [], "soak": None}
+    path = f"/classify?model={a.model}&top_k=5"
+    levels = list(a.concurrency)
+    port = free_port()
+    cmd, env = service_command(a.repo, a.model, port)
+    with running(cmd, env) as process:
+        await wait_ready(port, process, 120)
+        out["service"] = await run_levels(
+            "service", port, images, levels, a.requests, a.max_seconds, path, True
+        )
+        if a.soak_minutes > 0:
+            out["soak"] = await soak(port, process.pid, images, path, a.soak_minutes, max(levels))
+    if not a.skip_naive:
+        port = free_port()
+        cmd, env = naive_command(a.repo, a.model, port)
+        with running(cmd, env) as process:
+            await wait_ready(port, process, 120)
+            out["naive"] = await run_levels(
+                "naive", port, images, levels, a.requests, a.max_seconds, "/classify", False
+            )
+    return out
+
+
+def targets(
+    raw: list[RawResult], service: list[LoadResult], naive: list[LoadResult]
+) -> dict[str, Any]:
+    """The issue's targets, each figure beside its bound (reported, never asserted)."""
+    limit = max(r.img_per_s for r in raw)
+    single_ms = next(r.ms_per_batch_p50 for r in raw if r.batch == 1)
+    by = {(r.server, r.concurrency): r for r in [*service, *naive]}
+    found: dict[str, Any] = {}
+    if s64 := by.get(("service", 64)):
+        found["c64_throughput_vs_raw_limit"] = {
+            "value": round(s64.img_per_s / limit, 3),
+            "target": ">= 0.95",
+        }
+    if s1 := by.get(("service", 1)):
+        found["c1_p50_minus_raw_single_ms"] = {
+            "value": round(s1.latency_ms_p50 - single_ms, 2),
+            "target": "<= 2.0",
+        }
+    s16, n16 = by.get(("service", 16)), by.get(("naive", 16))
+    if s16 and n16:
+        found["c16_throughput_vs_naive"] = {
+            "value": round(s16.img_per_s / n16.img_per_s, 2),
+            "target": ">= 1.2",
+        }
+        found["c16_p99_ms_service_vs_naive"] = {
+            "value": [round(s16.latency_ms_p99, 1), round(n16.latency_ms_p99, 1)],
+            "target": "service lower",
+        }
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--repo", type=Path, default=ROOT / "model_repo")
+    p.add_argument("--model", default="demo-shapes")
+    p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    p.add_argument("--requests", type=int, default=2000, help="per level (bounded by time too)")
+    p.add_argument("--max-seconds", type=float, default=20.0, help="per level")
+    p.add_argument("--raw-seconds", type=float, default=3.0, help="per batch size")
+    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--soak-minutes", type=float, default=0.0, help="0: no soak")
+    p.add_argument("--out", type=Path, help="default: bench/results/load_<model>.json")
+    a = p.parse_args(argv)
+    out = a.out or ROOT / "bench" / "results" / f"load_{a.model}.json"
+
+    spec = ModelSpec.load(a.repo / a.model / SPEC_FILENAME)
+    version = max(spec.versions)
+    graph = a.repo / a.model / str(version) / GRAPH_FILENAME
+    # The service's session options: ORT_ENABLE_ALL, ORT's default thread count.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    raw = [raw_throughput(session, spec, b, a.raw_seconds) for b in RAW_BATCHES]
+    del session
+    for r in raw:
+        print(f"    raw batch {r.batch:>2}: {r.img_per_s:8.1f} img/s ({r.ms_per_batch_p50:.2f} ms)")
+    best = max(raw, key=lambda r: r.img_per_s)
+    images, source = load_images()
+    print(f"load with {source}")
+    served = asyncio.run(bench_servers(a, images))
+    found = targets(raw, served["service"], served["naive"])
+    for name, t in found.items():
+        print(f"target {name}: {t['value']} (target {t['target']})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    plot(png, a.model, [*served["service"], *served["naive"]], best.img_per_s)
+    out.write_text(
+        json.dumps(
+            {
+                "model": a.model,
+                "version": version,
+                "grid": list(spec.architecture.grid),
+                "images": source,
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "processor": platform.processor(),
+                    "onnxruntime": ort.__version__,
+                },
+                "raw": [asdict(r) for r in raw],
+                "raw_limit": {"batch": best.batch, "img_per_s": best.img_per_s},
+                "raw_single_image_ms": next(r.ms_per_batch_p50 for r in raw if r.batch == 1),
+                "service": [asdict(r) for r in served["service"]],
+                "naive": [asdict(r) for r in served["naive"]],
+                "soak": served["soak"],
+                "targets": found,
+                "plot": str(png.relative_to(ROOT) if png.is_relative_to(ROOT) else png),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
