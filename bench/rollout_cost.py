@@ -224,8 +224,10 @@ async def service_bench(
             errs: dict[int, int] = dict.fromkeys(range(len(runs)), 0)
             for _, _, base, params in runs:  # warm-up, not counted
                 await load(base, params, images, concurrency, 20, max_seconds=10)
-            for _ in range(rounds):
-                for i, (_, _, base, params) in enumerate(runs):
+            for r in range(rounds):
+                # Each round starts with another run, so none always follows the same one.
+                for i in [(r + j) % len(runs) for j in range(len(runs))]:
+                    _, _, base, params = runs[i]
                     latencies, errors, elapsed = await load(
                         base, params, images, concurrency, requests, max_seconds=60
                     )
