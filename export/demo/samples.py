@@ -1,6 +1,6 @@
 """Write a few demo images to try the service with (needs only numpy and Pillow).
 
-    python -m export.demo.samples --out samples --count 10
+python -m export.demo.samples --out samples --count 10
 """
 
 from __future__ import annotations
