@@ -198,12 +198,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 # The aspect ratios (width / height) `fit` snaps to, so that photos of similar shapes share a
-# grid and therefore a batch: square, 5:4, 4:3, 3:2, 16:9, 2:1, 5:2, 3:1, 4:1 and their
-# portrait twins, i.e. at most 17 grids per token budget; the image is stretched by at most
-# ~6% on one axis. Beyond 4:1, powers of two (8:1, 16:1, ...): still few grids, and rare.
+# grid and therefore a batch: square, 5:4, 4:3, 3:2, 16:9, 2:1, 5:2, 3:1, 7:2, 4:1 and their
+# portrait twins, i.e. at most 19 grids per token budget; common photo shapes are kept exactly,
+# others stretched by at most ~12% on one axis. Beyond 4:1, powers of two (8:1, 16:1, ...).
 FIT_ASPECTS = tuple(
     sorted(
-        {1.0} | {r for a in (5 / 4, 4 / 3, 3 / 2, 16 / 9, 2.0, 5 / 2, 3.0, 4.0) for r in (a, 1 / a)}
+        {1.0}
+        | {
+            r
+            for a in (5 / 4, 4 / 3, 3 / 2, 16 / 9, 2.0, 5 / 2, 3.0, 7 / 2, 4.0)
+            for r in (a, 1 / a)
+        }
     )
 )
 

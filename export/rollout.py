@@ -13,6 +13,7 @@ whatever outputs are fetched, so a rollout in the plain graph would cost every r
 from __future__ import annotations
 
 import enum
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -28,26 +29,37 @@ class HeadFusion(enum.IntEnum):
     MIN = 2
 
 
-def fuse_heads(attn: Tensor, fusion: Tensor) -> Tensor:
+# Scripted, not traced: the TorchScript exporter turns their `if`s into ONNX `If` nodes, so the
+# rollout graph runs only the fusion asked for, and sorts attentions only when some are to be
+# discarded (the sort was over a third of the graph's time when it always ran).
+def _fuse_heads(attn: Tensor, fusion: Tensor) -> Tensor:
     """(B, nh, T, T) -> (B, T, T); `fusion` is a 0-d int64 tensor holding a HeadFusion."""
-    mean, top, bottom = attn.mean(dim=1), attn.amax(dim=1), attn.amin(dim=1)
-    # All three are cheap next to the attention itself; choosing by `where` keeps one graph
-    # that serves every fusion instead of a graph per choice.
-    return torch.where(
-        fusion == HeadFusion.MAX, top, torch.where(fusion == HeadFusion.MIN, bottom, mean)
-    )
+    if bool(fusion == 1):  # HeadFusion.MAX
+        return attn.amax(dim=1)
+    if bool(fusion == 2):  # HeadFusion.MIN
+        return attn.amin(dim=1)
+    return attn.mean(dim=1)
 
 
-def discard_lowest(fused: Tensor, ratio: Tensor) -> Tensor:
+def _discard_lowest(fused: Tensor, ratio: Tensor) -> Tensor:
     """Zero the lowest `ratio` fraction of each image's (T, T) attentions, keeping cls -> cls."""
     B, T, _ = fused.shape
     flat = fused.reshape(B, T * T)
     k = torch.floor(ratio * (T * T)).to(torch.int64)  # how many to discard
-    ranked, _ = torch.sort(flat, dim=1)
-    kth = ranked.gather(1, (k - 1).clamp(min=0).reshape(1, 1).expand(B, 1))  # (B, 1)
-    not_cls_self = torch.arange(T * T, device=fused.device) != 0
-    drop = (flat <= kth) & (k > 0) & not_cls_self
-    return flat.masked_fill(drop, 0.0).reshape(B, T, T)
+    if bool(k > 0):
+        ranked, _ = torch.sort(flat, dim=1)
+        kth = ranked.gather(1, (k - 1).reshape(1, 1).expand(B, 1))  # (B, 1)
+        not_cls_self = torch.arange(T * T, device=fused.device) != 0
+        flat = flat.masked_fill((flat <= kth) & not_cls_self, 0.0)
+    return flat.reshape(B, T, T)
+
+
+with warnings.catch_warnings():
+    # torch.jit.script announces its deprecation; it is still what puts control flow into a
+    # graph exported with the TorchScript exporter, which the rest of the export uses.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    fuse_heads = torch.jit.script(_fuse_heads)
+    discard_lowest = torch.jit.script(_discard_lowest)
 
 
 def rollout(attentions: list[Tensor], fusion: Tensor, discard_ratio: Tensor) -> Tensor:
