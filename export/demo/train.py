@@ -54,7 +54,7 @@ class TrainArgs:
     out: Path
     steps: int = 1500
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     weight_decay: float = 0.05
     warmup_steps: int = 150
     chunk_batches: int = 50
