@@ -57,7 +57,8 @@ def _discard_lowest(fused: Tensor, ratio: Tensor) -> Tensor:
 with warnings.catch_warnings():
     # torch.jit.script announces its deprecation; it is still what puts control flow into a
     # graph exported with the TorchScript exporter, which the rest of the export uses.
-    warnings.simplefilter("ignore", DeprecationWarning)
+    # Its category differs between torch releases (DeprecationWarning, then FutureWarning).
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated")
     fuse_heads = torch.jit.script(_fuse_heads)
     discard_lowest = torch.jit.script(_discard_lowest)
 
