@@ -73,6 +73,16 @@ class InferenceError(BatchingError):
     """The backend failed on the batch this item was in."""
 
 
+class NotServedError(BatchingError):
+    """The model version is not (or no longer) served: a reload removed it."""
+
+
+def _not_served(key: BatchKey) -> NotServedError:
+    return NotServedError(
+        f"model '{key.model}' version {key.version} is not served (a reload removed it); retry"
+    )
+
+
 @dataclass(frozen=True)
 class BatchKey:
     model: str
@@ -158,12 +168,15 @@ class Batcher:
 
         Rollout backends are shared by every lane: ONNX Runtime sessions take concurrent runs.
         """
-        self._backends = backends
-        self._lanes: list[Mapping[tuple[str, int], Backend]] = [backends, *more_instances]
+        # Copies: `install` and `uninstall` change what is served while the batcher runs.
+        self._lanes: list[dict[tuple[str, int], Backend]] = [
+            dict(lane) for lane in (backends, *more_instances)
+        ]
+        self._backends = self._lanes[0]
         if any(lane.keys() != backends.keys() for lane in self._lanes):
             raise ValueError("every runtime instance must serve the same model versions")
         self.max_queue_delay_s = max_queue_delay_ms / 1e3
-        self._rollout_backends = rollout_backends or {}
+        self._rollout_backends = dict(rollout_backends or {})
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_images = max_queue_images
@@ -196,6 +209,44 @@ class Batcher:
         """Runtime instances (lanes), each with its own thread."""
         return len(self._lanes)
 
+    def install(
+        self,
+        version: tuple[str, int],
+        lanes: Sequence[Backend],
+        rollout: RolloutBackend | None = None,
+    ) -> None:
+        """Serve `version` from now on with one backend per lane (replacing any it had).
+
+        A batch already running keeps the backend it started with; the next one takes these.
+        """
+        if len(lanes) != len(self._lanes):
+            raise ValueError(f"{len(lanes)} backends for {len(self._lanes)} runtime instances")
+        for lane, backend in zip(self._lanes, lanes, strict=True):
+            lane[version] = backend
+        if rollout is None:
+            self._rollout_backends.pop(version, None)
+        else:
+            self._rollout_backends[version] = rollout
+
+    def uninstall(self, version: tuple[str, int]) -> None:
+        """Stop serving `version`; its queued items are answered NotServedError. Callers wait
+        for its requests to drain first, so normally none are left."""
+        for lane in self._lanes:
+            lane.pop(version, None)
+        self._rollout_backends.pop(version, None)
+        for key, queue in list(self._queues.items()):
+            if (key.model, key.version) == version:
+                for item in queue:
+                    if item.state is _State.QUEUED:
+                        _answer(item, _not_served(key))
+
+    def serves(self, version: tuple[str, int]) -> bool:
+        return version in self._backends
+
+    def backend(self, version: tuple[str, int]) -> Backend:
+        """The first runtime instance's backend of `version` (KeyError when not served)."""
+        return self._backends[version]
+
     def start(self) -> None:
         if self._tasks:
             raise RuntimeError("batcher already started")
@@ -223,7 +274,11 @@ class Batcher:
         for key, patches in requests:
             served = self._backends if key.rollout is None else self._rollout_backends
             if (key.model, key.version) not in served:
-                raise KeyError(f"no {key.graph} backend for {key.model} version {key.version}")
+                if key.rollout is None or (key.model, key.version) not in self._backends:
+                    raise _not_served(key)
+                raise NotServedError(
+                    f"model '{key.model}' version {key.version} has no rollout graph"
+                )
             if patches.shape[:2] != key.grid:
                 raise ValueError(f"patches of grid {patches.shape[:2]} under key {key}")
         futures: list[asyncio.Future[Output]] = []
@@ -356,13 +411,18 @@ class Batcher:
 
     async def _run(self, lane: int, key: BatchKey, batch: list[_Item]) -> None:
         patches = [item.patches for item in batch]
+        version = (key.model, key.version)
+        plain = self._lanes[lane].get(version)
+        rollout = self._rollout_backends.get(version)
+        if plain is None or (key.rollout is not None and rollout is None):
+            for item in batch:  # uninstalled while queued: `uninstall` normally answers these
+                _answer(item, _not_served(key))
+            return
         if key.rollout is None:
-            job = functools.partial(
-                _run_plain, self._lanes[lane][(key.model, key.version)], patches
-            )
+            job = functools.partial(_run_plain, plain, patches)
         else:
-            backend = self._rollout_backends[(key.model, key.version)]
-            job = functools.partial(_run_rollout, backend, key.rollout, patches)
+            assert rollout is not None
+            job = functools.partial(_run_rollout, rollout, key.rollout, patches)
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:

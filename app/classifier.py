@@ -8,10 +8,12 @@ one deadline per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,7 +34,16 @@ from app.imaging import (
     resize_plan,
 )
 from app.postprocess import Prediction, classify
-from app.repository import ModelEntry, ModelVersion, Repository, scan_repository
+from app.reload import plan_reload
+from app.repository import (
+    ModelEntry,
+    ModelVersion,
+    Repository,
+    RepositoryError,
+    Unavailable,
+    scan_repository,
+    signature,
+)
 from app.rollout import RolloutMap, RolloutParams, RolloutResult, heatmap_png, normalise
 from app.runtime import (
     Backend,
@@ -41,14 +52,17 @@ from app.runtime import (
     RolloutBackend,
     candidate_providers,
 )
+from app.sessions import (
+    BackendFactory,
+    RolloutBackendFactory,
+    SessionLoader,
+    Sessions,
+    load_failure,
+)
 from app.settings import Settings
 from app.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec
 
 log = logging.getLogger(__name__)
-
-BackendFactory = Callable[[ModelVersion], Backend]
-# None: the version has no rollout graph, and rollout requests for it get a 400.
-RolloutBackendFactory = Callable[[ModelVersion], RolloutBackend | None]
 
 
 @dataclass(frozen=True)
@@ -138,10 +152,22 @@ def onnx_rollout_backends(settings: Settings) -> RolloutBackendFactory:
     return load
 
 
+def _shown(key: tuple[str, int]) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
 def _rollout_of(rollout: RolloutMap | None) -> RolloutMap:
     if rollout is None:  # the batcher answers every rollout key with a map
         raise RuntimeError("a rollout request was answered without a rollout map")
     return normalise(rollout)
+
+
+@dataclass(frozen=True)
+class ReloadReport:
+    loaded: list[str]  # "name/version", new or changed
+    unloaded: list[str]  # gone from the repository, drained and released
+    unchanged: list[str]
+    failed: list[Unavailable]  # cannot be served as on disk (one that served before still does)
 
 
 class Classifier:
@@ -149,29 +175,43 @@ class Classifier:
         self,
         settings: Settings,
         repository: Repository,
-        backends: dict[tuple[str, int], Backend],
-        rollout_backends: dict[tuple[str, int], RolloutBackend] | None = None,
-        more_instances: Sequence[dict[tuple[str, int], Backend]] = (),
+        sessions: Mapping[tuple[str, int], Sessions],
+        loader: SessionLoader | None = None,
     ) -> None:
-        """`more_instances`: the sessions of runtime instances beyond the first (a lane each)."""
+        """`sessions`: every version's, one plain backend per runtime instance; `loader` makes
+        them for versions that a reload finds (None: reloads cannot load anything)."""
         self.settings = settings
-        self.repository = repository
-        self.backends = backends
-        self.rollout_backends = rollout_backends or {}
+        self.repository = repository  # replaced whole, never mutated: a request sees one
+        self._sessions = dict(sessions)
+        self._loader = loader
+        lanes = [
+            {key: s.lanes[i] for key, s in self._sessions.items()}
+            for i in range(settings.runtime_instances)
+        ]
         self.batcher = Batcher(
-            backends,
-            rollout_backends=self.rollout_backends,
+            lanes[0],
+            rollout_backends={
+                k: s.rollout for k, s in self._sessions.items() if s.rollout is not None
+            },
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             max_queue_images=settings.max_queue_images,
             max_queue_delay_ms=settings.max_queue_delay_ms,
-            more_instances=more_instances,
+            more_instances=lanes[1:],
         )
         self._pool = ThreadPoolExecutor(
             max_workers=settings.preprocess_threads, thread_name_prefix="vit-serve-preprocess"
         )
         self._preprocessing = 0  # images handed to the pool and not yet back
+        self._in_use: Counter[tuple[str, int]] = Counter()  # requests holding each version
         self._ready = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reloading = asyncio.Lock()
+        self._poller: asyncio.Task[None] | None = None
+        self._signature = signature(settings.model_repo)
+        self.on_change: Callable[[], None] | None = None  # what is served changed (metrics)
+        if loader is not None:
+            loader.on_broken = self._broken
 
     @classmethod
     def load(
@@ -183,34 +223,47 @@ class Classifier:
         """Scan the repository and load (and warm up) every version's graphs; blocking.
 
         Rollout graphs load here too, not on first use: the first rollout request then costs
-        what the next one does, and a broken rollout graph stops the start instead of failing
-        requests later. The price is a second session's memory per version.
+        what the next one does. The price is a second session's memory per version. A version
+        whose sessions cannot be made is served by nobody and listed as not ready, with why.
         """
         repository = scan_repository(settings.model_repo, settings.default_model)
-        factory = backend_factory or onnx_backends(settings)
-        rollout = rollout_factory or onnx_rollout_backends(settings)
-        backends = {(v.name, v.version): factory(v) for v in repository.all_versions()}
-        more_instances = [
-            {(v.name, v.version): factory(v) for v in repository.all_versions()}
-            for _ in range(settings.runtime_instances - 1)
-        ]
-        rollout_backends: dict[tuple[str, int], RolloutBackend] = {}
-        for v in repository.all_versions():
-            made = rollout(v)
-            if made is not None:
-                rollout_backends[(v.name, v.version)] = made
-        return cls(settings, repository, backends, rollout_backends, more_instances)
+        loader = SessionLoader(
+            settings,
+            backend_factory or onnx_backends(settings),
+            rollout_factory or onnx_rollout_backends(settings),
+        )
+        sessions: dict[tuple[str, int], Sessions] = {}
+        failed: dict[tuple[str, int], str] = {}
+        for version in repository.all_versions():
+            try:
+                sessions[version.key] = loader.load(version)
+            except Exception as exc:
+                failed[version.key] = load_failure(exc)
+                log.exception("model %s version %d cannot be loaded", *version.key)
+        return cls(settings, repository.without(failed), sessions, loader)
 
     @property
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def serving(self) -> bool:
+        """At least one model version can answer."""
+        return bool(self.repository.models)
+
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.batcher.start()
         self._ready = True
+        if self.settings.model_repo_poll_s > 0:
+            self._poller = self._loop.create_task(self._poll(), name="model-repo-poll")
 
     async def stop(self) -> None:
         self._ready = False
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
         await self.batcher.stop(self.settings.drain_timeout_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -218,11 +271,119 @@ class Classifier:
         return self.settings.fit_max_tokens or 2 * spec.architecture.native_tokens
 
     def provider(self, entry: ModelEntry) -> str:
-        return self.backends[(entry.spec.name, entry.default_version)].provider
+        return self._sessions[(entry.spec.name, entry.default_version)].provider
+
+    def versions_served(self) -> list[tuple[ModelVersion, str]]:
+        """Each served version with its provider."""
+        return [(v, self._sessions[v.key].provider) for v in self.repository.all_versions()]
 
     def rollout_versions(self, entry: ModelEntry) -> list[int]:
         """The versions of a model that can answer rollout requests."""
-        return sorted(v for v in entry.versions if (entry.spec.name, v) in self.rollout_backends)
+        name = entry.spec.name
+        return sorted(v for v in entry.versions if self._sessions[(name, v)].rollout is not None)
+
+    # --- faults and reloads ------------------------------------------------------------------
+
+    def _broken(self, key: tuple[str, int], reason: str) -> None:
+        """From an inference thread: the version keeps failing; take it out on the loop."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._mark_not_ready, key, reason)
+
+    def _mark_not_ready(self, key: tuple[str, int], reason: str) -> None:
+        if key not in {v.key for v in self.repository.all_versions()}:
+            return
+        log.error("model %s version %d is not ready: %s", *key, reason)
+        self.repository = self.repository.without({key: reason})
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.model_repo_poll_s)
+            try:
+                found = await asyncio.to_thread(signature, self.settings.model_repo)
+                if found != self._signature:
+                    await self.reload()
+            except Exception:  # the poller outlives any one failed reload
+                log.exception("reloading the model repository failed")
+
+    async def reload(self) -> ReloadReport:
+        """Scan the repository again and serve what it holds now, with no failed request.
+
+        New and changed versions are loaded and warmed up off the event loop while the old ones
+        serve, then swapped in at once; a version whose folder is gone leaves the table at once
+        (no new request resolves to it) and is released when its last request has finished.
+        """
+        async with self._reloading:
+            found = await asyncio.to_thread(signature, self.settings.model_repo)
+            try:
+                scanned = await asyncio.to_thread(
+                    scan_repository, self.settings.model_repo, self.settings.default_model
+                )
+            except RepositoryError as exc:
+                raise RepositoryError(f"{exc}; nothing was reloaded") from exc
+            self._signature = found  # the poller looks again only when the files change again
+            loaded = {key: s.version.fingerprint for key, s in self._sessions.items()}
+            plan = plan_reload(self.repository, loaded, scanned)
+            made: dict[tuple[str, int], Sessions] = {}
+            failed: list[Unavailable] = list(scanned.unavailable.values())
+            unavailable = {
+                k: u for k, u in scanned.unavailable.items() if u not in plan.kept_despite
+            }
+            serving = {mv.key: mv for mv in plan.keep}
+            current = {mv.key: mv for mv in self.repository.all_versions()}
+            for version in plan.load:
+                try:
+                    made[version.key] = await asyncio.to_thread(self._load_one, version)
+                except Exception as exc:
+                    log.exception("model %s version %d cannot be loaded", *version.key)
+                    failure = Unavailable(version.name, version.version, load_failure(exc))
+                    failed.append(failure)
+                    if version.key in current:  # the old one goes on serving
+                        serving[version.key] = current[version.key]
+                    else:
+                        unavailable[version.key] = failure
+            for key, sessions in made.items():
+                self.batcher.install(key, sessions.lanes, sessions.rollout)
+                self._sessions[key] = sessions
+                serving[key] = sessions.version
+            self.repository = Repository.of(
+                list(serving.values()), unavailable, self.settings.default_model
+            )
+            self._changed()
+            for key in plan.unload:
+                await self._drain(key)
+            report = ReloadReport(
+                loaded=[_shown(key) for key in made],
+                unloaded=[_shown(key) for key in plan.unload],
+                unchanged=[_shown(mv.key) for mv in plan.keep if mv.key not in made],
+                failed=failed,
+            )
+            log.info(
+                "reloaded %s: loaded %s, unloaded %s, failed %s",
+                self.settings.model_repo,
+                report.loaded,
+                report.unloaded,
+                [f"{f.shown}: {f.reason}" for f in report.failed],
+            )
+            return report
+
+    def _load_one(self, version: ModelVersion) -> Sessions:
+        if self._loader is None:
+            raise RuntimeError("this classifier was made without a session loader")
+        return self._loader.load(version)
+
+    async def _drain(self, key: tuple[str, int]) -> None:
+        """Wait for the last request holding `key` (each ends by its deadline), then release."""
+        limit = asyncio.get_running_loop().time() + self.settings.request_timeout_s + 1.0
+        while self._in_use[key] > 0 and asyncio.get_running_loop().time() < limit:
+            await asyncio.sleep(0.01)
+        self.batcher.uninstall(key)
+        self._sessions.pop(key, None)
+        self._in_use.pop(key, None)
 
     async def classify(
         self,
@@ -248,6 +409,26 @@ class Classifier:
         started = time.perf_counter()
         target = self.repository.resolve(model, version)
         metrics.note_model(target.name)
+        # Held until the answer is made: a reload releases a version's sessions only after.
+        self._in_use[target.key] += 1
+        try:
+            return await self._classify(
+                target, uploads, top_k, resize, rollout, heatmap, deadline, started
+            )
+        finally:
+            self._in_use[target.key] -= 1
+
+    async def _classify(
+        self,
+        target: ModelVersion,
+        uploads: Sequence[Upload],
+        top_k: int | None,
+        resize: ResizePolicy,
+        rollout: RolloutParams | None,
+        heatmap: bool,
+        deadline: float,
+        started: float,
+    ) -> Classification:
         k = self._top_k(top_k, target.spec)
         if rollout is not None:
             self._check_rollout(target, rollout)
@@ -299,7 +480,7 @@ class Classifier:
         )
 
     def _check_rollout(self, target: ModelVersion, params: RolloutParams) -> None:
-        if (target.name, target.version) not in self.rollout_backends:
+        if self._sessions[target.key].rollout is None:
             raise RolloutUnavailableError(
                 f"model '{target.name}' version {target.version} has no rollout graph "
                 f"({ROLLOUT_GRAPH_FILENAME}), so it cannot give rollout maps: re-export it with "

@@ -44,3 +44,23 @@ class InvalidParameterError(RequestError):
 
 class NotReadyError(ServiceError):
     """Models are not loaded yet, or the server is stopping."""
+
+
+class BodyTimeoutError(RequestError):
+    """The body did not arrive within `body_read_timeout_s` (a stalled or trickling client)."""
+
+
+class UnauthorizedError(RequestError):
+    """No key, or not the right one, where a key is required (answered with WWW-Authenticate)."""
+
+
+class MissingKeyError(UnauthorizedError):
+    """The request carries no key at all."""
+
+
+class InvalidKeyError(UnauthorizedError):
+    """The request carries a key, and it is not the configured one."""
+
+
+class AdminDisabledError(ServiceError):
+    """An admin endpoint asked of a server with no admin key: admin endpoints are off."""

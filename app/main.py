@@ -9,14 +9,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api.admin import router as admin_router
+from app.api.cors import install_cors
 from app.api.errors import install_error_handlers
 from app.api.page import install_page
 from app.api.routes import router
-from app.classifier import BackendFactory, Classifier, RolloutBackendFactory
+from app.classifier import Classifier
 from app.imaging import configure_pillow
 from app.logs import configure_logging
 from app.metrics import Metrics
 from app.middleware import Lifecycle, RequestMiddleware, install_metrics
+from app.sessions import BackendFactory, RolloutBackendFactory
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,7 +54,12 @@ def create_app(
         classifier.start()
         app.state.classifier = classifier
         metrics.attach(classifier, lambda: lifecycle.draining)
-        log.info("ready: %d model(s) in %s", len(classifier.repository.models), settings.model_repo)
+        log.info(
+            "started: %d model(s) serving, %d not ready, in %s",
+            len(classifier.repository.models),
+            len(classifier.repository.unavailable),
+            settings.model_repo,
+        )
         try:
             yield
         finally:
@@ -66,9 +74,12 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin_router)
     install_page(app)
+    app.state.settings = settings  # the access checks read it (app/api/auth.py)
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
     app.add_middleware(RequestMiddleware, owner=app, metrics=metrics, lifecycle=lifecycle)
+    install_cors(app, settings.cors_allow_origins)  # after: the outermost middleware
     install_metrics(app, metrics)  # last: it wraps the exception handlers installed above
     return app

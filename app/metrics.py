@@ -203,6 +203,12 @@ class Metrics:
         self.ready = Gauge(
             "ready", "1 while /readyz answers 200 (loaded, not draining)", namespace=ns, registry=r
         )
+        self.models_not_ready = Gauge(
+            "models_not_ready",
+            "models and model versions in the repository that cannot serve (see GET /models)",
+            namespace=ns,
+            registry=r,
+        )
         self.model_info = Gauge(
             "model_info",
             "1 for each served model version, with its provider and native grid",
@@ -216,17 +222,27 @@ class Metrics:
     def attach(self, classifier: Classifier, draining: Callable[[], bool]) -> None:
         """Read the running classifier: gauges read at scrape time, model info, batch hook."""
         self.queue_depth.set_function(lambda: classifier.batcher.queued)
-        self.ready.set_function(lambda: float(classifier.ready and not draining()))
+        self.ready.set_function(
+            lambda: float(classifier.ready and classifier.serving and not draining())
+        )
         self.queue_capacity.set(classifier.batcher.max_queue_images)
-        for version in classifier.repository.all_versions():
+        self.show_models(classifier)
+        classifier.on_change = lambda: self.show_models(classifier)
+        classifier.batcher.observer = self
+
+    def show_models(self, classifier: Classifier) -> None:
+        """One `model_info` series per served version; re-run whenever a reload or a fault
+        changes what is served."""
+        self.model_info.clear()
+        for version, provider in classifier.versions_served():
             grid = version.spec.architecture.grid
             self.model_info.labels(
                 model=version.name,
                 version=str(version.version),
-                provider=classifier.backends[(version.name, version.version)].provider,
+                provider=provider,
                 grid=f"{grid[0]}x{grid[1]}",
             ).set(1)
-        classifier.batcher.observer = self
+        self.models_not_ready.set(len(classifier.repository.unavailable))
 
     def batch_done(self, key: BatchKey, queue_waits_s: Sequence[float], run_s: float) -> None:
         """The batcher ran one batch of `key` (the batcher's observer protocol)."""

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+# Keys travel in HTTP headers, which carry Latin-1 and lose surrounding spaces: visible ASCII
+# only, so that what the operator set is exactly what a client can send.
+_KEY = re.compile(r"[\x21-\x7e]+")
+# An Origin header is scheme://host[:port], nothing after: an entry with a path or a trailing
+# slash would never match one, and CORS would silently stay off for it.
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#\s]+")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VIT_SERVE_", frozen=True, extra="ignore")
+    # Errors name the setting and what is wrong without echoing the value: it may be a key.
+    model_config = SettingsConfigDict(
+        env_prefix="VIT_SERVE_", frozen=True, extra="ignore", hide_input_in_errors=True
+    )
 
     model_repo: Path = Path("model_repo")
     default_model: str | None = Field(
@@ -50,6 +60,12 @@ class Settings(BaseSettings):
         description="sessions per model version, each run by its own thread; 1 on a CPU, where "
         "one session's intra-op threads already use every core",
     )
+    body_read_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="the whole request body must arrive within this long (408 beyond), so a "
+        "client that trickles its upload cannot hold a request open",
+    )
     request_timeout_s: float = Field(
         default=30.0, gt=0, description="a request may lower it: X-Request-Timeout-Ms, timeout_ms"
     )
@@ -74,6 +90,18 @@ class Settings(BaseSettings):
         description="ONNX Runtime providers in order of preference; None: CUDA when it works, "
         "else CPU (JSON list in the environment)",
     )
+    model_failure_threshold: int = Field(
+        default=3,
+        gt=0,
+        description="a model version whose inference fails on this many batches in a row is "
+        "marked not ready (503) until a reload",
+    )
+    model_repo_poll_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="look for new, changed or removed models this often and reload them; 0: "
+        "only on POST /admin/reload",
+    )
     warmup: bool = Field(default=True, description="run each model once at start")
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = Field(
@@ -89,3 +117,44 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = Field(
         default="127.0.0.1", description="proxies whose X-Forwarded-For is trusted ('*': any)"
     )
+
+    # Access control.
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="when set, POST /classify needs it (Authorization: Bearer or X-API-Key); "
+        "probes, /metrics and /models stay open",
+    )
+    admin_api_key: SecretStr | None = Field(
+        default=None, description="admin endpoints need it; None: they answer 403 (disabled)"
+    )
+    cors_allow_origins: list[str] = Field(
+        default=[],
+        description="origins whose pages may call the API from a browser (JSON list in the "
+        "environment, '*' for any); empty: CORS off",
+    )
+
+    @field_validator("api_key", "admin_api_key")
+    @classmethod
+    def _key_is_sendable(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        # A key read from a file (a Kubernetes Secret) often ends in a newline.
+        key = value.get_secret_value().strip()
+        # An empty key would accept an empty header: refuse it at start rather than guess.
+        if not _KEY.fullmatch(key):
+            raise ValueError(
+                "a key must be visible ASCII without spaces, e.g. the output of "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return SecretStr(key)
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins_are_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: write scheme://host[:port] with no path "
+                    "or trailing slash (e.g. https://app.example.com), or '*'"
+                )
+        return origins

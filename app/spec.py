@@ -78,11 +78,38 @@ class Source(_Frozen):
     notes: str = ""
 
 
+OptimizationLevel = Literal["none", "fused", "fp16"]
+
+
+class GraphOptimization(_Frozen):
+    """What the export step did to model.onnx after tracing it (model.rollout.onnx: nothing).
+
+    Either way the contract holds (uint8 `patches`, float32 `logits`); the service needs none
+    of this to feed the graph, it is the record of how the graph was made and checked.
+    """
+
+    level: OptimizationLevel = Field(
+        default="none",
+        description="none: as traced, fp32; fused: ONNX Runtime fused ops (attention, "
+        "SkipLayerNormalization, BiasGelu), fp32; fp16: fused, float16 inside",
+    )
+    fused_ops: dict[str, int] = Field(
+        default_factory=dict, description="fused operator type -> nodes in the graph"
+    )
+    max_abs_diff: float | None = Field(
+        default=None,
+        description="worst |logit - PyTorch's| over the parity grids (fp16: against the "
+        "fused fp32 graph)",
+    )
+
+
 class GraphFiles(_Frozen):
     """sha256 of each graph file of one version, checked when the version is loaded."""
 
     model: str = Field(description="sha256 of model.onnx")
     rollout: str | None = Field(default=None, description="sha256 of model.rollout.onnx")
+    # Per version, not per model: versions of one model may be exported differently.
+    optimization: GraphOptimization = Field(default_factory=GraphOptimization)
 
 
 class RolloutGraph(_Frozen):

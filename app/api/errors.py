@@ -13,21 +13,25 @@ from fastapi.responses import JSONResponse
 from app.batching import (
     DeadlineExceededError,
     InferenceError,
+    NotServedError,
     OverloadedError,
     ShuttingDownError,
 )
 from app.errors import (
+    AdminDisabledError,
     BadRequestBodyError,
+    BodyTimeoutError,
     InvalidParameterError,
     NoImageError,
     NotReadyError,
     PayloadTooLargeError,
     RolloutUnavailableError,
     TooManyImagesError,
+    UnauthorizedError,
     UnsupportedMediaTypeError,
 )
 from app.imaging import ImageDecodeError, ImageTooLargeError
-from app.repository import UnknownModelError
+from app.repository import ModelNotReadyError, RepositoryError, UnknownModelError
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +40,20 @@ STATUS_OF: dict[type[Exception], int] = {
     BadRequestBodyError: 400,
     ImageDecodeError: 400,
     RolloutUnavailableError: 400,
+    UnauthorizedError: 401,
+    AdminDisabledError: 403,
     UnknownModelError: 404,
+    BodyTimeoutError: 408,
     PayloadTooLargeError: 413,
     TooManyImagesError: 413,
     ImageTooLargeError: 413,
     UnsupportedMediaTypeError: 415,
     InvalidParameterError: 422,
-    InferenceError: 500,
+    # A model that fails is the server's fault, but one the client can route around: retry.
+    InferenceError: 503,
+    NotServedError: 503,
+    ModelNotReadyError: 503,
+    RepositoryError: 409,
     OverloadedError: 503,
     ShuttingDownError: 503,
     NotReadyError: 503,
@@ -54,9 +65,18 @@ _PLACES = {"query": "query parameter", "path": "path parameter", "header": "head
 
 
 def error_response(status: int, message: str) -> JSONResponse:
-    # 503s are transient by construction (a full queue, a restart): tell clients when to retry.
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+    headers: dict[str, str] = {}
+    if status == 401:
+        # RFC 9110: a 401 names the scheme that would succeed (X-API-Key works as well).
+        headers["WWW-Authenticate"] = "Bearer"
+    elif status == 408:
+        # The rest of the body may still be on its way: the connection cannot carry another
+        # request, so say so rather than let the client reuse it.
+        headers["Connection"] = "close"
+    elif status == 503:
+        # Transient by construction (a full queue, a restart): tell clients when to retry.
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    return JSONResponse({"detail": message}, status_code=status, headers=headers or None)
 
 
 async def _known_error(request: Request, exc: Exception) -> JSONResponse:

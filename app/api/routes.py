@@ -6,16 +6,19 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 
+from app.api.auth import ApiKeyDep
 from app.api.deps import ClassifierDep
 from app.api.schemas import (
     ClassifyResponse,
     ErrorBody,
     ModelInfo,
     ModelsResponse,
+    NotReady,
     PreprocessInfo,
     Status,
 )
 from app.api.uploads import read_uploads
+from app.errors import NotReadyError
 from app.rollout import HeadFusion, RolloutParams
 
 router = APIRouter()
@@ -25,11 +28,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "not an image, truncated, no image in the request, or rollout asked of a model "
         "version without a rollout graph",
+        401: "no API key or not the right one, where the server sets one (WWW-Authenticate)",
         404: "unknown model or version",
+        408: "the body did not arrive within the server's body read timeout",
         413: "body, image pixels or image count over the limit",
         415: "not multipart/form-data or image/*",
         422: "invalid query parameter",
-        503: "overloaded or not ready (with Retry-After)",
+        503: "overloaded, not ready, or the model asked for cannot serve (with Retry-After)",
         504: "not run before the request's deadline",
     }.items()
 }
@@ -64,6 +69,7 @@ _BODY: dict[str, Any] = {
 )
 async def classify(
     request: Request,
+    _key: ApiKeyDep,  # before anything else: a refused request costs no work
     classifier: ClassifierDep,
     model: Annotated[
         str | None, Query(max_length=200, description="default: the server's default model")
@@ -129,7 +135,17 @@ async def healthz() -> Status:
 
 @router.get("/readyz", response_model=Status, responses={503: {"model": ErrorBody}})
 async def readyz(classifier: ClassifierDep) -> Status:
-    """Every model is loaded and warmed up, and the server is not stopping."""
+    """Loaded and warmed up, at least one model version serving, and not stopping.
+
+    A model that cannot serve does not take the replica out of its load balancer: the others
+    still serve, and GET /models says what is not ready and why.
+    """
+    if not classifier.serving:
+        raise NotReadyError(
+            "no model can be served; GET /models lists each one's reason"
+            if classifier.repository.unavailable
+            else "the model repository is empty: add a model and reload"
+        )
     return Status(status="ready")
 
 
@@ -156,4 +172,8 @@ async def models(classifier: ClassifierDep) -> ModelsResponse:
                 provider=classifier.provider(entry),
             )
         )
-    return ModelsResponse(default_model=repository.default_model, models=infos)
+    not_ready = [
+        NotReady(model=u.model, version=u.version, reason=u.reason)
+        for _, u in sorted(repository.unavailable.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
+    ]
+    return ModelsResponse(default_model=repository.default_model, models=infos, not_ready=not_ready)

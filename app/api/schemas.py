@@ -75,9 +75,28 @@ class ModelInfo(_Schema):
     provider: str = Field(description="ONNX Runtime execution provider in use")
 
 
+class NotReady(_Schema):
+    model: str
+    version: int | None = Field(description="null: the whole model (its model.json)")
+    reason: str
+
+
 class ModelsResponse(_Schema):
-    default_model: str
-    models: list[ModelInfo]
+    default_model: str | None = Field(description="null only when the repository is empty")
+    models: list[ModelInfo] = Field(description="models with at least one version serving")
+    not_ready: list[NotReady] = Field(
+        description="models and versions in the repository that cannot serve, and why; their "
+        "requests get 503 (the other models keep serving)"
+    )
+
+
+class ReloadResponse(_Schema):
+    loaded: list[str] = Field(description="'name/version' new or changed, loaded and warmed")
+    unloaded: list[str] = Field(description="gone from the repository: drained and released")
+    unchanged: list[str]
+    failed: list[NotReady] = Field(
+        description="could not be loaded; a version that served before goes on serving"
+    )
 
 
 class Status(_Schema):

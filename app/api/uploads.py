@@ -1,11 +1,13 @@
 """Reading images out of a request: multipart field `image` (repeatable) or an image/* body.
 
 The body is read with a byte limit before anything is parsed, so an oversized upload costs the
-server at most the limit whether or not the client sent a Content-Length.
+server at most the limit whether or not the client sent a Content-Length; and with a deadline
+over the whole read, so a client that trickles its body holds a request for a bounded time.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 
 from fastapi import Request
@@ -16,6 +18,7 @@ from starlette.requests import ClientDisconnect
 from app.classifier import Upload
 from app.errors import (
     BadRequestBodyError,
+    BodyTimeoutError,
     NoImageError,
     PayloadTooLargeError,
     TooManyImagesError,
@@ -40,8 +43,9 @@ def _shown(text: str, limit: int = 100) -> str:
     return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or PayloadTooLargeError as soon as it is known to exceed `limit`."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, or PayloadTooLargeError as soon as it is known to exceed `limit`, or
+    BodyTimeoutError when it has not all arrived `timeout_s` after the read began."""
     too_large = f"the request body is larger than the limit of {_size(limit)}: send smaller images"
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -50,11 +54,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     received = 0
     # The declared length can be absent (chunked) or wrong: count what actually arrives.
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise PayloadTooLargeError(too_large)
-            chunks.append(chunk)
+        # One deadline for the whole body, not one per chunk: a byte every second would
+        # satisfy any per-chunk timeout forever.
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise PayloadTooLargeError(too_large)
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise BodyTimeoutError(
+            f"the request body was not received within {timeout_s:g} s: send it without "
+            "pauses, and on a slow link fewer or smaller images per request"
+        ) from exc
     except ClientDisconnect as exc:
         # Nobody will read the answer; a 400 keeps it out of the server-error log.
         raise BadRequestBodyError("the client disconnected before sending the whole body") from exc
@@ -113,16 +125,16 @@ async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
     """Every image in the request, in the order sent; a RequestError when there is none."""
     content_type = request.headers.get("content-type", "")
     mime = content_type.split(";")[0].strip().lower()
-    limit = settings.upload_max_bytes
+    limit, timeout = settings.upload_max_bytes, settings.body_read_timeout_s
     if mime == "multipart/form-data":
-        return await _multipart_uploads(request, await read_body(request, limit), settings)
+        return await _multipart_uploads(request, await read_body(request, limit, timeout), settings)
     if mime.startswith("image/"):
-        body = await read_body(request, limit)
+        body = await read_body(request, limit, timeout)
         if not body:
             raise NoImageError(f"the request body is empty; {HOW_TO_SEND}")
         return [Upload(data=body, name="(request body)", content_type=mime)]
     if not mime:
-        body = await read_body(request, limit)
+        body = await read_body(request, limit, timeout)
         if not body:
             raise NoImageError(f"no image in the request; {HOW_TO_SEND}")
         raise UnsupportedMediaTypeError(f"the request has no Content-Type; {HOW_TO_SEND}")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from app.classifier import BackendFactory, RolloutBackendFactory
 from app.main import create_app
 from app.repository import ModelVersion
+from app.sessions import BackendFactory, RolloutBackendFactory
 from app.settings import Settings
 from tests.support import TinyRepo
 

@@ -336,7 +336,7 @@ async def test_a_request_still_queued_at_its_deadline_is_504(make_client: Client
         assert (await running).status_code == 200
 
 
-async def test_a_failing_session_is_a_500_with_a_message_and_the_service_survives(
+async def test_a_failing_session_is_a_503_with_a_message_and_the_service_survives(
     make_client: ClientFactory,
 ) -> None:
     fakes = FakeBackends(fail=True)
@@ -344,7 +344,7 @@ async def test_a_failing_session_is_a_500_with_a_message_and_the_service_survive
         failed = await c.post("/classify", **raw(jpeg()))
         await expect(
             failed,
-            500,
+            503,
             "inference failed for model 'tiny' version 2 (RuntimeError); "
             "the error is logged on the server",
         )

@@ -70,6 +70,7 @@ async def test_models_describes_each_model(client: httpx.AsyncClient) -> None:
                 "provider": "CPUExecutionProvider",
             }
         ],
+        "not_ready": [],
     }
 
 
@@ -78,8 +79,24 @@ async def test_the_openapi_document_describes_the_upload_body(client: httpx.Asyn
     assert set(body["content"]) == {"multipart/form-data", "image/*"}
 
 
-async def test_a_repository_that_cannot_be_served_stops_the_start(tmp_path: Path) -> None:
+async def test_an_empty_repository_starts_not_ready_and_a_missing_one_stops_the_start(
+    tmp_path: Path,
+) -> None:
     app = create_app(Settings(model_repo=tmp_path))
-    with pytest.raises(RepositoryError, match="no models in"):
-        async with app.router.lifespan_context(app):
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as c,
+    ):
+        ready = await c.get("/readyz")
+        assert (ready.status_code, ready.json()) == (
+            503,
+            {"detail": "the model repository is empty: add a model and reload"},
+        )
+        assert (await c.get("/healthz")).status_code == 200
+        models = await c.get("/models")
+        assert models.json() == {"default_model": None, "models": [], "not_ready": []}
+    missing = create_app(Settings(model_repo=tmp_path / "missing"))
+    with pytest.raises(RepositoryError, match="is not a folder"):
+        async with missing.router.lifespan_context(missing):
             pass

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from app.repository import RepositoryError, UnknownModelError, scan_repository
+from app.repository import (
+    ModelNotReadyError,
+    RepositoryError,
+    UnknownModelError,
+    scan_repository,
+    signature,
+)
 from tests.support import TinyRepo
 
 
@@ -49,17 +56,36 @@ def test_a_path_as_a_model_name_is_not_echoed_and_never_reaches_the_file_system(
     assert info.value.message == "unknown model '(invalid name)'; served models: tiny"
 
 
-def test_a_graph_that_does_not_match_its_sha256_stops_the_start(repo: Path) -> None:
+def test_a_graph_that_does_not_match_its_sha256_is_not_ready_and_the_others_serve(
+    repo: Path,
+) -> None:
     graph = repo / "tiny" / "1" / "model.onnx"
     graph.write_bytes(graph.read_bytes() + b"\0")
-    with pytest.raises(RepositoryError, match=r"tiny/1/model\.onnx has sha256 [0-9a-f]{64} but"):
-        scan_repository(repo)
+    repository = scan_repository(repo)
+    assert sorted(repository.models["tiny"].versions) == [2]
+    reason = repository.unavailable[("tiny", 1)].reason
+    assert re.fullmatch(
+        rf"{re.escape(str(graph))} has sha256 [0-9a-f]{{64}} but model.json says [0-9a-f]{{64}}: "
+        "the graph was changed or corrupted after export; re-export it",
+        reason,
+    )
+    with pytest.raises(ModelNotReadyError) as info:
+        repository.resolve("tiny", 1)
+    assert info.value.message == f"model 'tiny' version 1 is not ready: {reason}"
+    assert repository.resolve("tiny", None).version == 2
 
 
-def test_a_version_folder_missing_from_model_json_stops_the_start(repo: Path) -> None:
+def test_a_missing_graph_or_sha256_makes_that_version_not_ready(repo: Path) -> None:
     shutil.copytree(repo / "tiny" / "2", repo / "tiny" / "3")
-    with pytest.raises(RepositoryError, match=r"tiny/3/model\.onnx has no sha256 in"):
-        scan_repository(repo)
+    (repo / "tiny" / "2" / "model.onnx").unlink()
+    repository = scan_repository(repo)
+    assert sorted(repository.models["tiny"].versions) == [1]
+    assert repository.unavailable[("tiny", 2)].reason == f"{repo}/tiny/2/model.onnx is missing"
+    assert repository.unavailable[("tiny", 3)].reason == (
+        f"{repo}/tiny/3 has no sha256 in model.json (versions: [1, 2]): re-export it"
+    )
+    # The highest version that serves is the default.
+    assert repository.resolve(None, None).version == 1
 
 
 def test_folders_that_are_not_versions_or_models_are_skipped(repo: Path) -> None:
@@ -74,38 +100,54 @@ def test_folders_that_are_not_versions_or_models_are_skipped(repo: Path) -> None
     assert sorted(repository.models["tiny"].versions) == [1, 2]
 
 
-def test_a_model_json_naming_another_model_stops_the_start(repo: Path) -> None:
+def test_a_model_json_naming_another_model_makes_the_model_not_ready(repo: Path) -> None:
     shutil.move(repo / "tiny", repo / "other")
-    with pytest.raises(RepositoryError, match="names the model 'tiny' but its folder is 'other'"):
-        scan_repository(repo)
+    repository = scan_repository(repo)
+    assert repository.models == {}
+    assert repository.default_model == "other"
+    assert repository.unavailable[("other", None)].reason == (
+        f"{repo}/other/model.json names the model 'tiny' but its folder is 'other'"
+    )
+    with pytest.raises(ModelNotReadyError) as info:
+        repository.resolve(None, None)
+    assert info.value.message.startswith("model 'other' is not ready: ")
 
 
-def test_an_invalid_model_json_stops_the_start(repo: Path) -> None:
-    spec = repo / "tiny" / "model.json"
-    raw = json.loads(spec.read_text())
+def test_an_invalid_model_json_makes_the_model_not_ready(repo: Path, tmp_path: Path) -> None:
+    shutil.copytree(repo / "tiny", repo / "twin")
+    twin = repo / "twin" / "model.json"
+    raw = json.loads(twin.read_text())
+    raw["name"] = "twin"
     raw["labels"] = raw["labels"][:3]
-    spec.write_text(json.dumps(raw))
-    with pytest.raises(RepositoryError, match="3 labels for 10 classes"):
-        scan_repository(repo)
+    twin.write_text(json.dumps(raw))
+    repository = scan_repository(repo)
+    assert list(repository.models) == ["tiny"]  # the other model is untouched
+    assert "3 labels for 10 classes" in repository.unavailable[("twin", None)].reason
+    with pytest.raises(ModelNotReadyError, match=r"model 'twin' is not ready: .*3 labels"):
+        repository.resolve("twin", 1)
 
 
-def test_a_model_folder_linking_outside_the_repository_stops_the_start(
+def test_a_model_folder_linking_outside_the_repository_is_not_served(
     tiny_repo: TinyRepo, tmp_path: Path
 ) -> None:
     root = tmp_path / "linked"
     root.mkdir()
     (root / "tiny").symlink_to(tiny_repo.root / "tiny", target_is_directory=True)
-    with pytest.raises(RepositoryError, match="resolves outside the model repository"):
-        scan_repository(root)
+    repository = scan_repository(root)
+    assert repository.models == {}
+    assert "resolves outside the model repository" in repository.unavailable[("tiny", None)].reason
 
 
-def test_an_empty_repository_or_unknown_default_model_stops_the_start(
+def test_an_empty_repository_serves_nothing_and_bad_configuration_stops_the_start(
     repo: Path, tmp_path: Path
 ) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(RepositoryError, match="no models in"):
-        scan_repository(empty)
+    nothing = scan_repository(empty)
+    assert (nothing.models, nothing.unavailable, nothing.default_model) == ({}, {}, None)
+    with pytest.raises(ModelNotReadyError) as info:
+        nothing.resolve(None, None)
+    assert info.value.message == "no model is being served: the model repository is empty"
     with pytest.raises(RepositoryError, match="default model 'vit-b' is not in"):
         scan_repository(repo, default_model="vit-b")
     with pytest.raises(RepositoryError, match="is not a folder"):
@@ -118,5 +160,23 @@ def test_a_rollout_graph_is_checked_like_the_main_graph(repo: Path) -> None:
         pytest.skip("this export step writes no rollout graph")
     assert scan_repository(repo).resolve("tiny", 1).rollout_path == rollout
     rollout.write_bytes(rollout.read_bytes() + b"\0")
-    with pytest.raises(RepositoryError, match=r"model\.rollout\.onnx has sha256"):
-        scan_repository(repo)
+    repository = scan_repository(repo)
+    assert "model.rollout.onnx has sha256" in repository.unavailable[("tiny", 1)].reason
+
+
+def test_the_signature_changes_when_a_version_is_added_or_a_graph_rewritten(repo: Path) -> None:
+    before = signature(repo)
+    assert [path for path, _, _ in before] == [
+        "tiny/1/model.onnx",
+        "tiny/1/model.rollout.onnx",
+        "tiny/2/model.onnx",
+        "tiny/2/model.rollout.onnx",
+        "tiny/model.json",
+    ]
+    assert signature(repo) == before
+    shutil.copytree(repo / "tiny" / "2", repo / "tiny" / "3")
+    added = signature(repo)
+    assert added != before
+    graph = repo / "tiny" / "1" / "model.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    assert signature(repo) != added

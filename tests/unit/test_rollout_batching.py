@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from app.batching import Batcher, BatchKey, DeadlineExceededError, InferenceError, Output
+from app.batching import (
+    Batcher,
+    BatchKey,
+    DeadlineExceededError,
+    InferenceError,
+    NotServedError,
+    Output,
+)
 from app.rollout import RolloutParams
 
 pytestmark = pytest.mark.anyio
@@ -147,7 +154,10 @@ async def test_rollout_items_batch_only_with_equal_rollout_inputs_and_never_with
 async def test_a_rollout_key_for_a_version_without_a_rollout_graph_is_refused() -> None:
     calls = Calls()
     async with batcher_with(calls) as batcher:
-        with pytest.raises(KeyError, match="no rollout backend for m version 2"):
+        with pytest.raises(
+            NotServedError,
+            match=r"model 'm' version 2 is not served \(a reload removed it\); retry",
+        ):
             batcher.submit([(BatchKey("m", 2, GRID, MEAN), image(1)[1])], deadline_in(10))
         assert batcher.queued == 0
 

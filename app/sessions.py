@@ -1,0 +1,160 @@
+"""A model version's sessions: one plain backend per runtime instance and an optional rollout
+backend, made by the factories, and guarded so a version that keeps failing is taken out.
+
+A session that raises on one batch may have met one bad input; one that raises on
+`failure_threshold` batches in a row is broken (a corrupted graph that still parsed, a device
+that went away). The guard then reports the version, once, so the classifier marks it not ready
+with the reason and answers its requests 503 while the other models keep serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from app.repository import ModelVersion
+from app.rollout import RolloutParams
+from app.runtime import Backend, RolloutBackend
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[ModelVersion], Backend]
+# None: the version has no rollout graph, and rollout requests for it get a 400.
+RolloutBackendFactory = Callable[[ModelVersion], RolloutBackend | None]
+# Called from an inference thread with the version's key and the reason, once per version.
+OnBroken = Callable[[tuple[str, int], str], None]
+
+
+class FailureGuard:
+    """Consecutive failed batches of one version, across its plain and rollout sessions."""
+
+    def __init__(self, version: tuple[str, int], threshold: int, on_broken: OnBroken) -> None:
+        self.version = version
+        self.threshold = threshold
+        self.on_broken = on_broken
+        self._failures = 0
+        self._tripped = False
+        self._lock = threading.Lock()  # runtime instances run batches in parallel threads
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._failures = 0
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self._failures += 1
+            trip = self._failures >= self.threshold and not self._tripped
+            self._tripped = self._tripped or trip
+        if trip:
+            self.on_broken(
+                self.version,
+                f"inference failed on {self.threshold} batches in a row "
+                f"(last: {type(exc).__name__}: {exc}); reload the model to retry it",
+            )
+
+
+class GuardedBackend:
+    def __init__(self, inner: Backend, guard: FailureGuard) -> None:
+        self.inner = inner
+        self.guard = guard
+
+    @property
+    def provider(self) -> str:
+        return self.inner.provider
+
+    def run(self, patches: NDArray[np.uint8]) -> NDArray[np.float32]:
+        try:
+            logits = self.inner.run(patches)
+        except Exception as exc:
+            self.guard.failed(exc)
+            raise
+        self.guard.succeeded()
+        return logits
+
+
+class GuardedRolloutBackend:
+    def __init__(self, inner: RolloutBackend, guard: FailureGuard) -> None:
+        self.inner = inner
+        self.guard = guard
+
+    @property
+    def provider(self) -> str:
+        return self.inner.provider
+
+    def run(
+        self, patches: NDArray[np.uint8], params: RolloutParams
+    ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        try:
+            outputs = self.inner.run(patches, params)
+        except Exception as exc:
+            self.guard.failed(exc)
+            raise
+        self.guard.succeeded()
+        return outputs
+
+
+@dataclass(frozen=True)
+class Sessions:
+    """Everything that runs one model version."""
+
+    version: ModelVersion
+    lanes: list[Backend]  # one per runtime instance
+    rollout: RolloutBackend | None
+
+    @property
+    def provider(self) -> str:
+        return self.lanes[0].provider
+
+
+def make_sessions(
+    version: ModelVersion,
+    instances: int,
+    factory: BackendFactory,
+    rollout_factory: RolloutBackendFactory,
+    threshold: int,
+    on_broken: OnBroken,
+) -> Sessions:
+    """Create (and, by the factories, warm up) a version's sessions; blocking, and raising
+    whatever the runtime raises for a graph it cannot load."""
+    guard = FailureGuard(version.key, threshold, on_broken)
+    lanes: list[Backend] = [GuardedBackend(factory(version), guard) for _ in range(instances)]
+    rollout = rollout_factory(version)
+    guarded = None if rollout is None else GuardedRolloutBackend(rollout, guard)
+    return Sessions(version, lanes, guarded)
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why a version's sessions could not be made, for /models and the logs."""
+    return f"its graph could not be loaded ({type(exc).__name__}: {exc})"
+
+
+class SessionLoader:
+    """Makes versions' sessions with the service's factories and settings."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        factory: BackendFactory,
+        rollout_factory: RolloutBackendFactory,
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.rollout_factory = rollout_factory
+        # Set by the classifier that owns the sessions: told when a version keeps failing.
+        self.on_broken: OnBroken = lambda key, reason: None
+
+    def load(self, version: ModelVersion) -> Sessions:
+        return make_sessions(
+            version,
+            self.settings.runtime_instances,
+            self.factory,
+            self.rollout_factory,
+            self.settings.model_failure_threshold,
+            lambda key, reason: self.on_broken(key, reason),
+        )
