@@ -24,7 +24,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -163,8 +163,10 @@ class Batcher:
         max_queue_images: int,
         max_queue_delay_ms: float = 0.0,
         more_instances: Sequence[Mapping[tuple[str, int], Backend]] = (),
+        thread_initializer: Callable[[], None] | None = None,
     ) -> None:
-        """`more_instances`: backends of further runtime instances, one mapping per instance.
+        """`more_instances`: backends of further runtime instances, one mapping per instance;
+        `thread_initializer` runs first in each lane's inference thread.
 
         Rollout backends are shared by every lane: ONNX Runtime sessions take concurrent runs.
         """
@@ -189,7 +191,11 @@ class Batcher:
         # One thread per lane: a lane takes its next batch when its previous one returns (the
         # "runtime is free" rule).
         self._executors = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vit-serve-infer-{i}")
+            ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix=f"vit-serve-infer-{i}",
+                initializer=thread_initializer,
+            )
             for i in range(len(self._lanes))
         ]
         self.observer: BatchObserver | None = None

@@ -13,13 +13,14 @@ import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from app import metrics
 from app.batching import Batcher, BatchKey, DeadlineExceededError, OverloadedError
 from app.errors import (
+    BusyError,
     InvalidParameterError,
     RolloutUnavailableError,
     TooManyImagesError,
@@ -34,6 +35,7 @@ from app.imaging import (
     resize_plan,
 )
 from app.postprocess import Prediction, classify
+from app.priority import lower_this_thread
 from app.reload import plan_reload
 from app.repository import (
     ModelEntry,
@@ -63,6 +65,8 @@ from app.settings import Settings
 from app.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec
 
 log = logging.getLogger(__name__)
+
+BUSY_MESSAGE = "the server is overloaded (every request place is taken); retry shortly"
 
 
 @dataclass(frozen=True)
@@ -198,11 +202,16 @@ class Classifier:
             max_queue_images=settings.max_queue_images,
             max_queue_delay_ms=settings.max_queue_delay_ms,
             more_instances=lanes[1:],
+            thread_initializer=functools.partial(lower_this_thread, settings.worker_nice),
         )
         self._pool = ThreadPoolExecutor(
-            max_workers=settings.preprocess_threads, thread_name_prefix="vit-serve-preprocess"
+            max_workers=settings.preprocess_threads,
+            thread_name_prefix="vit-serve-preprocess",
+            initializer=lower_this_thread,
+            initargs=(settings.worker_nice,),
         )
         self._preprocessing = 0  # images handed to the pool and not yet back
+        self._admitted = 0  # requests between admission and answer
         self._in_use: Counter[tuple[str, int]] = Counter()  # requests holding each version
         self._ready = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -266,6 +275,31 @@ class Classifier:
                 await self._poller
         await self.batcher.stop(self.settings.drain_timeout_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def busy(self) -> bool:
+        """Every request place is taken: a new request would be refused (see `admission`)."""
+        settings = self.settings
+        places = settings.max_queue_images + settings.max_batch_size * settings.runtime_instances
+        return self._admitted >= places
+
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Hold a request place from before the body is read until the answer; refused at once
+        (BusyError) when none is free.
+
+        There are as many places as images can wait in the queue plus run in batches: each
+        request has at least one image, so more requests than that could not all be served. A
+        refusal here costs no body read, decode or queueing: under overload the event loop
+        spends its CPU on refusing quickly, not on reading bodies it would refuse later.
+        """
+        if self.busy:
+            raise BusyError(BUSY_MESSAGE)
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
 
     def fit_max_tokens(self, spec: ModelSpec) -> int:
         return self.settings.fit_max_tokens or 2 * spec.architecture.native_tokens
@@ -396,16 +430,20 @@ class Classifier:
         rollout: RolloutParams | None = None,
         heatmap: bool = False,
         timeout_ms: float | None = None,
+        arrived: float | None = None,
     ) -> Classification:
         """`rollout`: run the rollout graph and add each image's map; `heatmap`: and draw it.
 
-        `timeout_ms`: the client's own deadline; it can only lower the server's.
+        `timeout_ms`: the client's own deadline; it can only lower the server's. `arrived`: when
+        the request came in, on the event loop's clock (default: now); the deadline counts from
+        it, so the time its body took to arrive is part of it.
         """
         timeout_s = self.settings.request_timeout_s
         if timeout_ms is not None:
             timeout_s = min(timeout_s, timeout_ms / 1e3)
         # Deadlines run on the loop's clock; timings on perf_counter (uvloop's clock ticks in ms).
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = (loop.time() if arrived is None else arrived) + timeout_s
         started = time.perf_counter()
         target = self.repository.resolve(model, version)
         metrics.note_model(target.name)

@@ -64,3 +64,8 @@ class InvalidKeyError(UnauthorizedError):
 
 class AdminDisabledError(ServiceError):
     """An admin endpoint asked of a server with no admin key: admin endpoints are off."""
+
+
+class BusyError(ServiceError):
+    """Every request place is taken: refused before the body is read (so with
+    `Connection: close`: the unread body must not be taken for the next request)."""

@@ -74,7 +74,8 @@ class ImageDecodeError(ImageError):
 
 
 class ImageTooLargeError(ImageError):
-    """More pixels than the limit, refused from the header before decoding."""
+    """More pixels than the limit: in the header (refused before decoding), or in the resized
+    image the policy would make of it (a sliver that `crop` scales until its short side fits)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,16 @@ def _too_large(name: str, pixels: int | None, max_pixels: int) -> ImageTooLargeE
     has = f"has {_pixels(pixels)}" if pixels is not None else "has more pixels than the limit"
     return ImageTooLargeError(
         f"image {name} {has}; the limit is {_pixels(max_pixels)}: downscale it and send it again"
+    )
+
+
+def _too_large_resized(
+    name: str, size: tuple[int, int], resized: tuple[int, int], policy: str, max_pixels: int
+) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"image {name} is {size[0]}x{size[1]} pixels: resize={policy} would scale it to "
+        f"{resized[0]}x{resized[1]} ({_pixels(resized[0] * resized[1])}), over the limit of "
+        f"{_pixels(max_pixels)}; send it with resize=fit, or crop it closer to square"
     )
 
 
@@ -342,6 +353,11 @@ def prepare(
         # crop must not depend on whether libjpeg took a shortcut.
         width, height = (header_h, header_w) if swapped else (header_w, header_h)
         plan = resize_plan(width, height, spec, policy, fit_max_tokens)
+        # `crop` scales the short side to the input size first: a 1x200000 sliver (under 1 KB of
+        # PNG) would become 73x14600000, gigabytes before the crop. The limit on pixels decoded
+        # bounds pixels resized too.
+        if plan.size[0] * plan.size[1] > max_pixels:
+            raise _too_large_resized(name, (width, height), plan.size, policy, max_pixels)
         decoded = time.perf_counter()
         # Inside the `with`: closing the file also frees the pixels of `img` (maybe `rgb`).
         resized = rgb.resize(plan.size, _RESAMPLE[spec.preprocess.interpolation])

@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
+from app.classifier import BUSY_MESSAGE
 from app.logs import request_id_var
 from app.metrics import (
     QUIET_PATHS,
@@ -109,15 +110,21 @@ class RequestMiddleware:
             await send(message)
 
         refused = self.lifecycle.draining and path not in _SERVED_WHILE_DRAINING
+        # Under overload, refuse new work here, before routing, validation and the body: the
+        # cheapest answer the event loop can give, so it keeps up with arrivals (the route
+        # checks again, for requests admitted in between).
+        classifier = getattr(self.owner.state, "classifier", None)
+        busy = not refused and path == "/classify" and getattr(classifier, "busy", False)
         token = request_id_var.set(record.request_id)
         if not quiet:
             self.metrics.in_flight.inc()
         try:
             with request_scope(record):
-                if refused:
-                    record.error_reason = "shutting_down"
-                    response = error_response(503, DRAINING_MESSAGE)
-                    # The client (a load balancer's keep-alive pool) should not reuse this one.
+                if refused or busy:
+                    record.error_reason = "shutting_down" if refused else "busy"
+                    response = error_response(503, DRAINING_MESSAGE if refused else BUSY_MESSAGE)
+                    # Draining: a load balancer's keep-alive pool should not reuse this one.
+                    # Busy: the body is not read, so the connection cannot carry another request.
                     response.headers["connection"] = "close"
                     await response(scope, receive, send_with_id)
                 else:
@@ -127,7 +134,9 @@ class RequestMiddleware:
             raise
         finally:
             seconds = time.perf_counter() - started
-            route = self._known_route(path) if refused else _route_of(scope) or UNMATCHED_ROUTE
+            route = (
+                self._known_route(path) if refused or busy else _route_of(scope) or UNMATCHED_ROUTE
+            )
             if not quiet:
                 self.metrics.in_flight.dec()
                 self.metrics.request_done(route, status, seconds, record)

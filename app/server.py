@@ -92,6 +92,7 @@ def build_server(settings: Settings) -> DrainingServer:
         # Longer than nginx's upstream keepalive_timeout (60 s): the proxy, not the server,
         # closes idle connections, so no request is sent on a connection that is closing.
         timeout_keep_alive=settings.keep_alive_timeout_s,
+        backlog=settings.backlog,
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from app.priority import in_lowered_thread
 from app.repository import ModelVersion
 from app.rollout import RolloutParams
 from app.runtime import Backend, RolloutBackend
@@ -150,11 +151,15 @@ class SessionLoader:
         self.on_broken: OnBroken = lambda key, reason: None
 
     def load(self, version: ModelVersion) -> Sessions:
-        return make_sessions(
-            version,
-            self.settings.runtime_instances,
-            self.factory,
-            self.rollout_factory,
-            self.settings.model_failure_threshold,
-            lambda key, reason: self.on_broken(key, reason),
+        """Made in a thread of lowered priority: ONNX Runtime's threads inherit it."""
+        return in_lowered_thread(
+            self.settings.worker_nice,
+            lambda: make_sessions(
+                version,
+                self.settings.runtime_instances,
+                self.factory,
+                self.rollout_factory,
+                self.settings.model_failure_threshold,
+                lambda key, reason: self.on_broken(key, reason),
+            ),
         )

@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     # Threads and execution providers.
     preprocess_threads: int = Field(default=2, gt=0)
     intra_op_threads: int = Field(default=0, ge=0, description="0: ONNX Runtime's default")
+    worker_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="decode and inference threads run this much nicer than the event loop, "
+        "which then keeps the CPU it needs to accept, refuse and answer under overload; 0: equal",
+    )
     intra_op_spinning: bool = Field(
         default=False,
         description="ONNX Runtime's threads spin-wait between runs: off, so that they leave the "
@@ -111,6 +118,12 @@ class Settings(BaseSettings):
     # The HTTP server (python -m app.server).
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    backlog: int = Field(
+        default=4096,
+        gt=0,
+        description="connections the kernel holds before they are accepted (capped by "
+        "net.core.somaxconn); beyond it a burst's connections are reset, not refused",
+    )
     keep_alive_timeout_s: int = Field(
         default=75, gt=0, description="longer than the load balancer's idle upstream timeout"
     )

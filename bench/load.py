@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -130,6 +130,13 @@ def load_images(limit: int = 100) -> tuple[list[bytes], str]:
 # --- a small HTTP/1.1 client ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
+    body: bytes
+
+
 class Connection:
     """One keep-alive HTTP/1.1 connection: POST a body, read status and body."""
 
@@ -142,21 +149,37 @@ class Connection:
         return cls(reader, writer)
 
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        reply = await self.exchange(method, path, body)
+        return reply.status, reply.body
+
+    async def exchange(
+        self, method: str, path: str, body: bytes = b"", content_type: str = "image/jpeg"
+    ) -> Reply:
+        """One request and its whole reply (Content-Length bodies only: what the service sends)."""
+        await self.send(method, path, body, content_type)
+        return await self.receive()
+
+    async def send(
+        self, method: str, path: str, body: bytes = b"", content_type: str = "image/jpeg"
+    ) -> None:
         head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: image/jpeg\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
         self.writer.write(head.encode() + body)
         await self.writer.drain()
+
+    async def receive(self) -> Reply:
         header = await self.reader.readuntil(b"\r\n\r\n")
         lines = header.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
-        length = 0
+        headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-        return status, await self.reader.readexactly(length)
+            if name:
+                headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        return Reply(status, headers, await self.reader.readexactly(length))
 
     async def close(self) -> None:
         self.writer.close()
@@ -273,8 +296,17 @@ async def wait_ready(port: int, process: subprocess.Popen[bytes], timeout_s: flo
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})
+def running(
+    cmd: list[str], env: dict[str, str], output: IO[bytes] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`output`: where the server's stdout and stderr go (None: this process's own)."""
+    process = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=output,
+        stderr=None if output is None else subprocess.STDOUT,
+    )
     try:
         yield process
     finally:

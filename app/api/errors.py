@@ -21,6 +21,7 @@ from app.errors import (
     AdminDisabledError,
     BadRequestBodyError,
     BodyTimeoutError,
+    BusyError,
     InvalidParameterError,
     NoImageError,
     NotReadyError,
@@ -55,11 +56,13 @@ STATUS_OF: dict[type[Exception], int] = {
     ModelNotReadyError: 503,
     RepositoryError: 409,
     OverloadedError: 503,
+    BusyError: 503,
     ShuttingDownError: 503,
     NotReadyError: 503,
     DeadlineExceededError: 504,
 }
 RETRY_AFTER_S = 1
+_LOAD_SHEDDING = (OverloadedError, BusyError, DeadlineExceededError, ShuttingDownError)
 
 _PLACES = {"query": "query parameter", "path": "path parameter", "header": "header"}
 
@@ -82,9 +85,14 @@ def error_response(status: int, message: str) -> JSONResponse:
 async def _known_error(request: Request, exc: Exception) -> JSONResponse:
     status = next(STATUS_OF[t] for t in type(exc).__mro__ if t in STATUS_OF)
     message: str = getattr(exc, "message", str(exc))
-    if status >= 500:
+    # Load shedding is the server working as meant, and logging each refusal would cost the
+    # event loop most when it can least afford it: the access log and metrics count them.
+    if status >= 500 and not isinstance(exc, _LOAD_SHEDDING):
         log.warning("%s %s -> %d: %s", request.method, request.url.path, status, message)
-    return error_response(status, message)
+    response = error_response(status, message)
+    if isinstance(exc, BusyError):
+        response.headers["Connection"] = "close"
+    return response
 
 
 def describe_validation_errors(errors: Sequence[Any]) -> str:

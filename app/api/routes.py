@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
@@ -112,18 +113,21 @@ async def classify(
         Header(gt=0, allow_inf_nan=False, description="as timeout_ms; the lower of both wins"),
     ] = None,
 ) -> ClassifyResponse:
+    arrived = asyncio.get_running_loop().time()
     given = [t for t in (timeout_ms, x_request_timeout_ms) if t is not None]
-    uploads = await read_uploads(request, classifier.settings)
-    result = await classifier.classify(
-        uploads,
-        model=model,
-        version=version,
-        top_k=top_k,
-        resize=resize,
-        rollout=None if rollout == "false" else RolloutParams(head_fusion, discard_ratio),
-        heatmap=rollout == "png",
-        timeout_ms=min(given, default=None),
-    )
+    with classifier.admission():
+        uploads = await read_uploads(request, classifier.settings)
+        result = await classifier.classify(
+            uploads,
+            model=model,
+            version=version,
+            top_k=top_k,
+            resize=resize,
+            rollout=None if rollout == "false" else RolloutParams(head_fusion, discard_ratio),
+            heatmap=rollout == "png",
+            timeout_ms=min(given, default=None),
+            arrived=arrived,
+        )
     return ClassifyResponse.model_validate(result)
 
 

@@ -322,6 +322,33 @@ async def test_a_full_queue_is_503_with_retry_after_and_later_requests_work(
         assert (await c.post("/classify", **raw(jpeg()))).status_code == 200
 
 
+async def test_with_every_request_place_taken_a_request_is_refused_before_its_body(
+    make_client: ClientFactory,
+) -> None:
+    """Places = queue (1) + a batch (1): a third request is refused at the door, 503 with
+    Connection: close (its body is never read), and counted as `busy`."""
+    fakes = FakeBackends()
+    async with make_client(fakes, max_queue_images=1, max_batch_size=1) as c:
+        backend = fakes.made[("tiny", 2)]
+        backend.gate.clear()
+        backend.started.clear()
+        running = asyncio.create_task(c.post("/classify", **raw(jpeg())))
+        assert await asyncio.to_thread(backend.started.wait, 10)
+        queued = asyncio.create_task(c.post("/classify", **raw(jpeg())))
+        await asyncio.sleep(0.1)  # let it reach the queue
+        refused = await c.post("/classify", **raw(jpeg()))
+        await expect(
+            refused, 503, "the server is overloaded (every request place is taken); retry shortly"
+        )
+        assert (refused.headers["retry-after"], refused.headers["connection"]) == ("1", "close")
+        assert (await c.get("/healthz")).status_code == 200  # other routes are not refused
+        backend.gate.set()
+        assert [(await t).status_code for t in (running, queued)] == [200, 200]
+        assert (await c.post("/classify", **raw(jpeg()))).status_code == 200
+        metrics = (await c.get("/metrics")).text
+        assert 'reason="busy",route="/classify",status="503"} 1.0' in metrics
+
+
 async def test_a_request_still_queued_at_its_deadline_is_504(make_client: ClientFactory) -> None:
     fakes = FakeBackends()
     async with make_client(fakes, request_timeout_s=0.3) as c:

@@ -391,4 +391,20 @@ def test_the_pixel_limit_is_a_parameter() -> None:
     assert info.value.message == (
         "image 'p.png' has 8000 pixels; the limit is 5000 pixels: downscale it and send it again"
     )
-    assert run(png(100, 50), max_pixels=5000).image_size == (100, 50)
+    # At the limit exactly; the crop's resized image (91x73) is under it too.
+    assert run(png(100, 80), max_pixels=8000).image_size == (100, 80)
+
+
+def test_a_sliver_that_crop_would_scale_past_the_pixel_limit_is_refused_not_resized() -> None:
+    # Scaling the short side to 73 makes 1x6000 a 73x438000 image before the centre crop:
+    # 32 megapixels from a 6000-pixel upload (1x1000000, a 4 KB PNG within the default limit,
+    # would take 21 GB).
+    with pytest.raises(ImageTooLargeError) as info:
+        run(png(1, 6000), name="'thin.png'", max_pixels=1_000_000)
+    assert info.value.message == (
+        "image 'thin.png' is 1x6000 pixels: resize=crop would scale it to 73x438000 "
+        "(32.0 megapixels), over the limit of 1.0 megapixels; send it with resize=fit, or crop "
+        "it closer to square"
+    )
+    # `fit` keeps the aspect ratio within its token cap: one row of patches.
+    assert run(png(6000, 1), policy="fit", max_pixels=1_000_000).grid == (1, 128)
