@@ -67,5 +67,6 @@ class AdminDisabledError(ServiceError):
 
 
 class BusyError(ServiceError):
-    """Every request place is taken: refused before the body is read (so with
-    `Connection: close`: the unread body must not be taken for the next request)."""
+    """Every request place is taken. Raised by the route, before the body is read, for a
+    request that got past the middleware's own check (so answered with `Connection: close`:
+    the unread body must not be taken for the next request)."""

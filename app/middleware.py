@@ -9,6 +9,7 @@ context variables it opens (request id, metrics record) reach the classifier.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -74,6 +75,30 @@ def _route_of(scope: Scope) -> str | None:
     return path if isinstance(path, str) else None
 
 
+async def _discard_body(receive: Receive, max_bytes: int, timeout_s: float) -> bool:
+    """Read a refused request's body and drop it; False when it is over `max_bytes` or not in
+    within `timeout_s` (then the connection must close: the rest of the body is still on it).
+
+    Keeping the connection costs one read of a body on loopback or from a load balancer;
+    closing it would make the client connect again for its retry, and under overload accepting
+    connections is what the event loop can least afford.
+    """
+    received = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return False  # the client went away
+                received += len(message.get("body", b""))
+                if received > max_bytes:
+                    return False
+                if not message.get("more_body", False):
+                    return True
+    except TimeoutError:
+        return False
+
+
 class RequestMiddleware:
     def __init__(
         self, app: ASGIApp, *, owner: FastAPI, metrics: Metrics, lifecycle: Lifecycle
@@ -110,9 +135,9 @@ class RequestMiddleware:
             await send(message)
 
         refused = self.lifecycle.draining and path not in _SERVED_WHILE_DRAINING
-        # Under overload, refuse new work here, before routing, validation and the body: the
-        # cheapest answer the event loop can give, so it keeps up with arrivals (the route
-        # checks again, for requests admitted in between).
+        # Under overload, refuse new work here, before routing and validation, without decoding
+        # anything: the cheapest answer the event loop can give, so it keeps up with arrivals
+        # (the route checks again, for requests admitted in between).
         classifier = getattr(self.owner.state, "classifier", None)
         busy = not refused and path == "/classify" and getattr(classifier, "busy", False)
         token = request_id_var.set(record.request_id)
@@ -120,12 +145,21 @@ class RequestMiddleware:
             self.metrics.in_flight.inc()
         try:
             with request_scope(record):
-                if refused or busy:
-                    record.error_reason = "shutting_down" if refused else "busy"
-                    response = error_response(503, DRAINING_MESSAGE if refused else BUSY_MESSAGE)
-                    # Draining: a load balancer's keep-alive pool should not reuse this one.
-                    # Busy: the body is not read, so the connection cannot carry another request.
+                if refused:
+                    record.error_reason = "shutting_down"
+                    response = error_response(503, DRAINING_MESSAGE)
+                    # A load balancer's keep-alive pool should not reuse this one.
                     response.headers["connection"] = "close"
+                    await response(scope, receive, send_with_id)
+                elif busy:
+                    record.error_reason = "busy"
+                    response = error_response(503, BUSY_MESSAGE)
+                    settings = self.owner.state.settings
+                    drained = await _discard_body(
+                        receive, settings.upload_max_bytes, settings.body_read_timeout_s
+                    )
+                    if not drained:
+                        response.headers["connection"] = "close"
                     await response(scope, receive, send_with_id)
                 else:
                     await self.app(scope, receive, send_with_id)

@@ -91,7 +91,7 @@ class GraphOptimization(_Frozen):
     level: OptimizationLevel = Field(
         default="none",
         description="none: as traced, fp32; fused: ONNX Runtime fused ops (attention, "
-        "SkipLayerNormalization, BiasGelu), fp32; fp16: fused, float16 inside",
+        "LayerNormalization, BiasGelu), fp32; fp16: fused, float16 inside",
     )
     fused_ops: dict[str, int] = Field(
         default_factory=dict, description="fused operator type -> nodes in the graph"

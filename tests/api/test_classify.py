@@ -322,13 +322,15 @@ async def test_a_full_queue_is_503_with_retry_after_and_later_requests_work(
         assert (await c.post("/classify", **raw(jpeg()))).status_code == 200
 
 
-async def test_with_every_request_place_taken_a_request_is_refused_before_its_body(
+async def test_with_every_request_place_taken_a_request_is_refused_at_the_door(
     make_client: ClientFactory,
 ) -> None:
-    """Places = queue (1) + a batch (1): a third request is refused at the door, 503 with
-    Connection: close (its body is never read), and counted as `busy`."""
+    """Places = queue (1) + a batch (1): a third request is refused at the door, 503, its body
+    read and dropped (never decoded), and counted as `busy`."""
     fakes = FakeBackends()
-    async with make_client(fakes, max_queue_images=1, max_batch_size=1) as c:
+    async with make_client(
+        fakes, max_queue_images=1, max_batch_size=1, upload_max_bytes=10_000
+    ) as c:
         backend = fakes.made[("tiny", 2)]
         backend.gate.clear()
         backend.started.clear()
@@ -340,13 +342,18 @@ async def test_with_every_request_place_taken_a_request_is_refused_before_its_bo
         await expect(
             refused, 503, "the server is overloaded (every request place is taken); retry shortly"
         )
-        assert (refused.headers["retry-after"], refused.headers["connection"]) == ("1", "close")
+        assert refused.headers["retry-after"] == "1"
+        assert "connection" not in refused.headers  # its body was read: the connection is kept
+        # A body over the upload limit is not read to its end: that connection is closed.
+        large = await c.post("/classify", **raw(jpeg(600, 400, seed=1)))
+        assert len(large.request.content) > 10_000
+        assert (large.status_code, large.headers["connection"]) == (503, "close")
         assert (await c.get("/healthz")).status_code == 200  # other routes are not refused
         backend.gate.set()
         assert [(await t).status_code for t in (running, queued)] == [200, 200]
         assert (await c.post("/classify", **raw(jpeg()))).status_code == 200
         metrics = (await c.get("/metrics")).text
-        assert 'reason="busy",route="/classify",status="503"} 1.0' in metrics
+        assert 'reason="busy",route="/classify",status="503"} 2.0' in metrics
 
 
 async def test_a_request_still_queued_at_its_deadline_is_504(make_client: ClientFactory) -> None:
