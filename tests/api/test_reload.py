@@ -59,8 +59,10 @@ async def reload(c: httpx.AsyncClient) -> dict[str, Any]:
     return body
 
 
-async def test_a_new_version_is_loaded_and_becomes_the_default(root: Path) -> None:
-    async with serve(Settings(model_repo=root, admin_api_key=SecretStr(KEY))) as c:
+@pytest.mark.parametrize("instances", [1, 2])
+async def test_a_new_version_is_loaded_and_becomes_the_default(root: Path, instances: int) -> None:
+    settings = Settings(model_repo=root, admin_api_key=SecretStr(KEY), runtime_instances=instances)
+    async with serve(settings) as c:
         add_version(root, 3)
         assert await reload(c) == {
             "loaded": ["tiny/3"],
