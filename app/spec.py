@@ -91,10 +91,16 @@ class GraphOptimization(_Frozen):
     level: OptimizationLevel = Field(
         default="none",
         description="none: as traced, fp32; fused: ONNX Runtime fused ops (attention, "
-        "LayerNormalization, BiasGelu), fp32; fp16: fused, float16 inside",
+        "LayerNormalization, BiasGelu) and unread rows left out, fp32; fp16: fused, float16 "
+        "inside",
     )
     fused_ops: dict[str, int] = Field(
         default_factory=dict, description="fused operator type -> nodes in the graph"
+    )
+    class_token_tail: bool = Field(
+        default=False,
+        description="the last block computes only the class token's row, the one the head "
+        "reads (token pooling)",
     )
     max_abs_diff: float | None = Field(
         default=None,

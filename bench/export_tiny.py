@@ -20,6 +20,13 @@ from export.vit import VisionTransformer, ViTConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def vit_ti16() -> VisionTransformer:
+    """ViT-Ti/16 at 224x224 (grid 14x14), 1000 classes, random weights (seed 0)."""
+    torch.manual_seed(0)
+    cfg = ViTConfig.variant("tiny", patch_size=16, grid=(14, 14), num_classes=1000)
+    return VisionTransformer(cfg).eval()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--repo", type=Path, default=ROOT / "build" / "bench_repo")
@@ -28,10 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     if (a.repo / a.name / SPEC_FILENAME).exists():
         print(f"{a.repo / a.name} exists; nothing to do")
         return
-    torch.manual_seed(0)
-    cfg = ViTConfig.variant("tiny", patch_size=16, grid=(14, 14), num_classes=1000)
-    model = VisionTransformer(cfg).eval()
-    labels = [f"class_{i}" for i in range(cfg.num_classes)]
+    model = vit_ti16()
+    labels = [f"class_{i}" for i in range(model.cfg.num_classes)]
     export_to_repository(model, a.repo, a.name, labels, Preprocess(), Source(framework="vit-serve"))
     print(f"wrote {a.repo / a.name}")
 

@@ -5,11 +5,15 @@
     python -m export --timm vit_base_patch16_224 --weights finetuned.safetensors --name mine
     python -m export --hf path/to/save_pretrained_dir --name vit-b16-hf
     python -m export --torchvision vit_b_16 --weights vit_b_16-c867db91.pth --name vit-b16-tv
+    python -m export --checkpoint my_vit.pt --name my-vit --optimize fp16
 
 Weights from timm, Hugging Face or torchvision are mapped into the reference ViT; where the
 source library is installed the mapping is first checked against the library's own forward
 at the native size. The graph is then parity-checked against PyTorch at several grids before
-anything is written.
+anything is written. `--optimize` picks the form of model.onnx: `fused` (the default: fused
+attention, LayerNormalization and BiasGelu, a last block computing only the class token; fp32,
+within the same parity bound), `none` (as traced) or `fp16` (fused, float16 inside, float32
+logits; checked against the fused fp32 graph by top-1 agreement and a max-abs bound).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
 
-from app.spec import MODEL_NAME_PATTERN, Source
+from app.spec import MODEL_NAME_PATTERN, OptimizationLevel, Source
 from export.checkpoints import (
     LoadedViT,
     UnsupportedCheckpointError,
@@ -30,7 +35,12 @@ from export.checkpoints import (
 from export.import_hf import load_hf
 from export.import_timm import load_timm
 from export.import_torchvision import TORCHVISION_ARCHS, load_torchvision
-from export.onnx_export import PARITY_ATOL, ParityError, export_to_repository
+from export.onnx_export import (
+    DEFAULT_OPTIMIZATION,
+    PARITY_ATOL,
+    ParityError,
+    export_to_repository,
+)
 
 log = logging.getLogger("export")
 
@@ -73,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", type=Path, default=Path("model_repo"), help="model repository root")
     p.add_argument("--version", type=int, default=None, help="default: the highest + 1")
     p.add_argument("--atol", type=float, default=PARITY_ATOL, help="max |logit diff| allowed")
+    p.add_argument(
+        "--optimize",
+        choices=get_args(OptimizationLevel),
+        default=DEFAULT_OPTIMIZATION,
+        help="model.onnx as traced (none), with fused ONNX Runtime ops (fused), or fused and "
+        f"float16 inside with float32 logits (fp16); default: {DEFAULT_OPTIMIZATION}",
+    )
     p.add_argument(
         "--no-source-check",
         action="store_true",
@@ -138,12 +155,19 @@ def main(argv: list[str] | None = None) -> int:
             ),
             version=args.version,
             atol=args.atol,
+            optimize=args.optimize,
         )
     except ParityError as e:
         log.error("%s", e)
         return 1
     worst = result.parity.worst
-    log.info("exported %s version %d (parity %.2e)", args.name, result.version, worst)
+    log.info(
+        "exported %s version %d, %s (parity %.2e)",
+        args.name,
+        result.version,
+        args.optimize,
+        worst,
+    )
     return 0
 
 

@@ -3,6 +3,14 @@
 The graph takes `patches` uint8 (batch, grid_h, grid_w, P*P*C) and returns `logits`; it reads
 the grid from its input's shape. Nothing is written to the model repository until ONNX Runtime
 agrees with PyTorch at the native grid and at smaller, larger and non-square grids.
+
+`optimize` picks the form of model.onnx (export/optimize.py): `none` (as traced), `fused`
+(fused attention, LayerNormalization and BiasGelu, and a last block that computes only the
+class token; the default: faster on CPU, and still within the same 1e-4 of PyTorch) or `fp16`
+(fused, float16 inside, float32 logits; checked by top-1 agreement and a max-abs bound
+against the fused fp32 graph). The rollout graph is always exported as traced: it needs the
+attention probabilities of every row of every block, which a fused kernel never materialises,
+and its 1e-5 bound.
 """
 
 from __future__ import annotations
@@ -25,11 +33,23 @@ from app.spec import (
     SPEC_FILENAME,
     Architecture,
     GraphFiles,
+    GraphOptimization,
     ModelSpec,
+    OptimizationLevel,
     Preprocess,
     Source,
     contract_tensors,
     rollout_contract,
+)
+from export.fused_attention import CONTRIB_DOMAIN, CONTRIB_OPSET, FusedAttention
+from export.optimize import (
+    Fp16Report,
+    check_fp16,
+    fuse,
+    fused_model,
+    fused_op_counts,
+    has_class_token_tail,
+    to_fp16,
 )
 from export.rollout import HeadFusion, RolloutViT
 from export.vit import VisionTransformer
@@ -42,10 +62,11 @@ ROLLOUT_ATOL = 1e-5
 # Discarding is a threshold: entries within float error of it may fall either side in the two
 # runtimes, so the strict check runs without it (tests/export/test_rollout.py covers it).
 PARITY_DISCARD_RATIOS = (0.0,)
+DEFAULT_OPTIMIZATION: OptimizationLevel = "fused"
 
 
 class ParityError(RuntimeError):
-    """ONNX Runtime and PyTorch disagree: the graph is not written."""
+    """ONNX Runtime and PyTorch disagree (or fp16 and fp32 do): the graph is not written."""
 
 
 @dataclass
@@ -78,6 +99,7 @@ def export_graph(model: VisionTransformer, path: Path, opset: int = OPSET) -> No
     cfg = model.cfg
     gh, gw = cfg.grid
     example = torch.randint(0, 256, (2, gh, gw, cfg.patch_dim), dtype=torch.uint8)
+    fused = any(isinstance(m, FusedAttention) for m in model.modules())
     with warnings.catch_warnings():
         # The TorchScript exporter warns that it is deprecated in favour of dynamo; it is the one
         # that exports plain bicubic resizing with dynamic sizes, which is all we need here.
@@ -93,6 +115,8 @@ def export_graph(model: VisionTransformer, path: Path, opset: int = OPSET) -> No
                 "logits": {0: "batch"},
             },
             opset_version=opset,
+            # Only a graph with fused attention imports ONNX Runtime's contrib domain.
+            custom_opsets={CONTRIB_DOMAIN: CONTRIB_OPSET} if fused else None,
             dynamo=False,
         )
 
@@ -221,12 +245,90 @@ def build_spec(
 
 
 @dataclass
+class StagedGraph:
+    """model.onnx in the form asked for, checked, in a staging folder."""
+
+    path: Path
+    parity: ParityReport  # the fp32 graph (fused when optimised) against PyTorch
+    optimization: GraphOptimization
+    fp16: Fp16Report | None = None
+
+
+def _log_and_check(what: str, report: ParityReport) -> None:
+    for grid, diff in report.max_abs_diff.items():
+        log.info("%s parity at grid %s: max |diff| %.2e", what, grid, diff)
+    if not report.passed:
+        raise ParityError(
+            f"ONNX Runtime {what} differ from PyTorch by {report.worst:.2e} > "
+            f"{report.atol:.0e} ({report.max_abs_diff}); nothing written"
+        )
+
+
+def stage_graph(
+    model: VisionTransformer,
+    staging: Path,
+    level: OptimizationLevel,
+    grids: list[tuple[int, int]],
+    atol: float = PARITY_ATOL,
+) -> StagedGraph:
+    """Export model.onnx as `level` asks into `staging` and check it; ParityError if it fails.
+
+    Every form's fp32 graph meets the same `atol` against PyTorch at `grids` (the fused graph's
+    shapes stay symbolic, so the grids are the proof that fusing baked none in); the fp16
+    graph must then agree with it on top-1 within `check_fp16`'s bound.
+    """
+    folded = model.folded()
+    traced = staging / "traced.onnx"
+    if level == "none":
+        export_graph(folded, traced)
+        parity = check_parity(model, traced, grids, atol=atol)
+        _log_and_check("logits", parity)
+        return StagedGraph(traced, parity, GraphOptimization(max_abs_diff=parity.worst))
+    module = fused_model(folded)
+    export_graph(module, traced)
+    fused = staging / "fused.onnx"
+    counts = fuse(traced, fused, model.cfg)
+    parity = check_parity(model, fused, grids, atol=atol)
+    _log_and_check("fused logits", parity)
+    tail = has_class_token_tail(module)
+    if level == "fused":
+        done = GraphOptimization(
+            level="fused", fused_ops=counts, class_token_tail=tail, max_abs_diff=parity.worst
+        )
+        return StagedGraph(fused, parity, done)
+    half = staging / "fp16.onnx"
+    to_fp16(fused, half)
+    report = check_fp16(fused, half, grids, model.cfg.patch_dim)
+    for grid, diff in report.max_abs_diff.items():
+        log.info("fp16 at grid %s: max |diff| %.2e (bound %.2e)", grid, diff, report.bound[grid])
+    log.info(
+        "fp16 top-1: %d/%d agree with fp32 (%d near-ties excused)",
+        report.agreed,
+        report.compared,
+        report.excused,
+    )
+    if not report.passed:
+        raise ParityError(
+            f"the fp16 graph differs from the fp32 one: max |diff| {report.max_abs_diff} "
+            f"against bounds {report.bound}, top-1 {report.disagreed} of {report.compared} "
+            "disagree; nothing written"
+        )
+    worst = max(report.max_abs_diff.values())
+    done = GraphOptimization(
+        level="fp16", fused_ops=fused_op_counts(half), class_token_tail=tail, max_abs_diff=worst
+    )
+    return StagedGraph(half, parity, done, report)
+
+
+@dataclass
 class ExportResult:
     spec_path: Path
     graph_path: Path
     version: int
     parity: ParityReport
     rollout_parity: ParityReport
+    optimization: GraphOptimization
+    fp16: Fp16Report | None = None
 
 
 def export_to_repository(
@@ -238,10 +340,11 @@ def export_to_repository(
     source: Source,
     version: int | None = None,
     atol: float = PARITY_ATOL,
+    optimize: OptimizationLevel = DEFAULT_OPTIMIZATION,
 ) -> ExportResult:
     """Export, check parity at several grids, then write `<repo>/<name>/{model.json,<v>/...}`.
 
-    Raises ParityError (and writes nothing) when the graph disagrees with PyTorch.
+    Raises ParityError (and writes nothing) when a graph disagrees with PyTorch.
     """
     spec_path = repo / name / SPEC_FILENAME
     versions: dict[int, GraphFiles] = {}
@@ -249,36 +352,34 @@ def export_to_repository(
         versions = dict(ModelSpec.load(spec_path).versions)
     if version is None:
         version = max(versions, default=0) + 1
-    folded = model.folded()
+    model = model.eval()
     with tempfile.TemporaryDirectory() as tmp:
-        staged, staged_rollout = Path(tmp) / GRAPH_FILENAME, Path(tmp) / ROLLOUT_GRAPH_FILENAME
+        staged_rollout = Path(tmp) / ROLLOUT_GRAPH_FILENAME
         grids = parity_grids(model.cfg.grid)
-        export_graph(folded, staged)
-        parity = check_parity(model.eval(), staged, grids, atol=atol)
-        export_rollout_graph(folded, staged_rollout)
-        rollout_parity = check_rollout_parity(model.eval(), staged_rollout, grids)
-        for what, report in (("logits", parity), ("rollout", rollout_parity)):
-            for grid, diff in report.max_abs_diff.items():
-                log.info("%s parity at grid %s: max |diff| %.2e", what, grid, diff)
-            if not report.passed:
-                raise ParityError(
-                    f"ONNX Runtime {what} differ from PyTorch by {report.worst:.2e} > "
-                    f"{report.atol:.0e} ({report.max_abs_diff}); nothing written"
-                )
+        staged = stage_graph(model, Path(tmp), optimize, grids, atol=atol)
+        export_rollout_graph(model.folded(), staged_rollout)
+        rollout_parity = check_rollout_parity(model, staged_rollout, grids)
+        _log_and_check("rollout", rollout_parity)
         version_dir = repo / name / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
         graph_path = version_dir / GRAPH_FILENAME
         rollout_path = version_dir / ROLLOUT_GRAPH_FILENAME
-        shutil.move(staged, graph_path)
+        shutil.move(staged.path, graph_path)
         shutil.move(staged_rollout, rollout_path)
-    versions[version] = GraphFiles(model=sha256_of(graph_path), rollout=sha256_of(rollout_path))
+    versions[version] = GraphFiles(
+        model=sha256_of(graph_path),
+        rollout=sha256_of(rollout_path),
+        optimization=staged.optimization,
+    )
     spec = build_spec(name, model, labels, preprocess, source, versions)
     spec.dump(spec_path)
-    log.info("wrote %s (version %d) and %s", graph_path, version, spec_path)
+    log.info("wrote %s (version %d, %s) and %s", graph_path, version, optimize, spec_path)
     return ExportResult(
         spec_path=spec_path,
         graph_path=graph_path,
         version=version,
-        parity=parity,
+        parity=staged.parity,
         rollout_parity=rollout_parity,
+        optimization=staged.optimization,
+        fp16=staged.fp16,
     )
