@@ -41,7 +41,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -304,14 +304,17 @@ async def overload(
     rate: float,
     a: argparse.Namespace,
     client_timeout_s: float,
+    client_port: int | None = None,
 ) -> dict[str, Any]:
+    """`client_port`: where the load goes (nginx in front, with --through-nginx); the server's
+    own figures are read from `port` either way."""
     rss_before = rss_peak = rss_bytes(pid)
     sockets_peak = 0
     buckets = await duration_buckets(port)
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     task = asyncio.create_task(
         open_loop(
-            port,
+            port if client_port is None else client_port,
             path,
             images,
             rate,
@@ -446,6 +449,19 @@ async def service(
         yield port, process
 
 
+@contextlib.contextmanager
+def balancer(a: argparse.Namespace, port: int, work: Path) -> Iterator[int | None]:
+    """With --through-nginx: Debian's nginx on loopback, configured by deploy/nginx/nginx.conf
+    (as the integration tests render it), in front of the replica; its port, else None."""
+    if not a.through_nginx:
+        yield None
+        return
+    from tests.integration.stack import nginx  # the same rendering the integration tests use
+
+    with nginx([f"127.0.0.1:{port}"], work) as lb:
+        yield lb.port
+
+
 async def odd_and_capacity(
     a: argparse.Namespace,
     port: int,
@@ -515,9 +531,18 @@ async def bench(a: argparse.Namespace, images: list[bytes]) -> dict[str, Any]:
                     f"for {a.overload_seconds:g} s ..."
                 )
                 # The client waits longer than the server may: a lost request is the server's.
-                run = await overload(
-                    port, process.pid, path, images, rate, a, timeout_s + a.client_margin_s
-                )
+                with balancer(a, port, LOGS / f"nginx-{name.replace('_', '-')}") as lb_port:
+                    run = await overload(
+                        port,
+                        process.pid,
+                        path,
+                        images,
+                        rate,
+                        a,
+                        timeout_s + a.client_margin_s,
+                        lb_port,
+                    )
+                run = {"through_nginx": lb_port is not None, **run}
                 run = {"request_timeout_s": timeout_s, **run}
                 out["overload"][name] = run
                 checks += overload_checks(label, run, a.refusal_bound_ms)
@@ -665,6 +690,11 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=30.0,
         help="the client's timeout is the server's request timeout plus this",
+    )
+    p.add_argument(
+        "--through-nginx",
+        action="store_true",
+        help="send the overload through deploy/nginx/nginx.conf (max_conns sheds at nginx)",
     )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hostile.json")
     a = p.parse_args(argv)

@@ -177,8 +177,11 @@ def replicas(model_repo: Path, work: Path, count: int, **settings: str) -> Itera
         _stop_all([r.process for r in started])
 
 
-def render_nginx_conf(listen_port: int, upstreams: list[str], work: Path) -> str:
-    """deploy/nginx/nginx.conf onto loopback: its listen port, upstream servers and file paths.
+def render_nginx_conf(
+    listen_port: int, upstreams: list[str], work: Path, max_conns: int | None = None
+) -> str:
+    """deploy/nginx/nginx.conf onto loopback: its listen port, upstream servers and file paths
+    (and, when given, another `max_conns` per replica).
 
     Every rewrite must match exactly once, so a change to the deployed file that the test no
     longer understands fails here instead of testing something else.
@@ -193,6 +196,9 @@ def render_nginx_conf(listen_port: int, upstreams: list[str], work: Path) -> str
     def servers(match: re.Match[str]) -> str:
         # `resolve` needs nginx >= 1.27.3 and a DNS name; loopback addresses need neither.
         params = match.group(2).replace(" resolve", "")
+        if max_conns is not None:
+            params, n = re.subn(r"max_conns=\d+", f"max_conns={max_conns}", params)
+            assert n == 1, f"no max_conns on the upstream server in {NGINX_CONF}"
         return "\n".join(f"{match.group(1)}server {u}{params};" for u in upstreams)
 
     once(r"^(\s*)server vit-serve:8000( [^;]*);", servers)
@@ -225,12 +231,12 @@ class Nginx:
 
 
 @contextlib.contextmanager
-def nginx(upstreams: list[str], work: Path) -> Iterator[Nginx]:
+def nginx(upstreams: list[str], work: Path, max_conns: int | None = None) -> Iterator[Nginx]:
     binary = need_program("nginx", "Debian: apt-get install nginx")
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = work / "nginx.conf"
-    conf.write_text(render_nginx_conf(port, upstreams, work))
+    conf.write_text(render_nginx_conf(port, upstreams, work, max_conns))
     check = subprocess.run(
         [binary, "-t", "-p", str(work), "-c", str(conf)], capture_output=True, text=True
     )

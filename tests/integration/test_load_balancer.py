@@ -157,3 +157,64 @@ def test_with_no_replica_up_nginx_answers_a_retryable_503_in_json(tmp_path: Path
         )
         assert too_large.status_code == 413
         assert "24 MiB" in too_large.json()["detail"]
+
+
+async def _held_replica(port: int, hold_s: float, held: list[int]) -> asyncio.Server:
+    """A stand-in replica that answers each request `hold_s` late (a full one, as nginx sees)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(1)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
+        await reader.readexactly(length)
+        await asyncio.sleep(hold_s)
+        body = b'{"held": true}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+def test_with_every_replica_at_max_conns_nginx_refuses_at_once_in_json(tmp_path: Path) -> None:
+    """nginx holds a replica to max_conns requests (its request places); the next is a 503
+    from nginx itself, at once, so an overloaded replica's accept queue never fills."""
+    port = free_port()
+    held: list[int] = []
+
+    async def scenario(url: str) -> None:
+        server = await _held_replica(port, 2.0, held)
+        async with server, httpx.AsyncClient(timeout=10) as client:
+
+            async def post() -> tuple[int, float, httpx.Response]:
+                started = asyncio.get_running_loop().time()
+                response = await client.post(
+                    f"{url}/classify", content=b"x", headers={"content-type": "image/png"}
+                )
+                return response.status_code, asyncio.get_running_loop().time() - started, response
+
+            first = [asyncio.create_task(post()) for _ in range(2)]
+            await asyncio.sleep(0.5)  # both are at the replica
+            status, seconds, refused = await post()
+            assert (status, refused.json()) == (
+                503,
+                {"detail": "no replica could take the request; retry shortly"},
+            )
+            assert refused.headers["retry-after"] == "1"
+            assert seconds < 1.0  # not queued behind the held ones
+            assert [(await t)[0] for t in first] == [200, 200]
+        assert len(held) == 2  # the refused request never reached the replica
+
+    with nginx([f"127.0.0.1:{port}"], tmp_path / "nginx", max_conns=2) as lb:
+        asyncio.run(scenario(lb.url))
