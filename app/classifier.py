@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from app import metrics
 from app.batching import Batcher, BatchKey, DeadlineExceededError, OverloadedError
@@ -65,6 +66,8 @@ from app.settings import Settings
 from app.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 BUSY_MESSAGE = "the server is overloaded (every request place is taken); retry shortly"
 
@@ -546,43 +549,27 @@ class Classifier:
         through the queue would cost up to `image_max_pixels` * 3 bytes per waiting image, and
         preprocessing may have decoded a JPEG at reduced scale.
         """
-        loop = asyncio.get_running_loop()
         fit_max_tokens = self.fit_max_tokens(spec)
-        jobs = [
-            loop.run_in_executor(
-                self._pool,
-                functools.partial(
-                    heatmap_png,
-                    upload.data,
-                    upload.name,
-                    self.settings.image_max_pixels,
-                    heat,
-                    # The plan that preprocessing used: it maps the grid back onto the image.
-                    resize_plan(*image.image_size, spec, resize, fit_max_tokens),
-                ),
+        calls = [
+            functools.partial(
+                heatmap_png,
+                upload.data,
+                upload.name,
+                self.settings.image_max_pixels,
+                heat,
+                # The plan that preprocessing used: it maps the grid back onto the image.
+                resize_plan(*image.image_size, spec, resize, fit_max_tokens),
             )
             for upload, image, heat in zip(uploads, prepared, maps, strict=True)
         ]
         # Admitted work already ran inference, so it is not refused now; counting it lets new
         # requests see the pool's backlog.
-        self._preprocessing += len(jobs)
-        try:
-            outcomes = await asyncio.wait_for(
-                asyncio.gather(*jobs, return_exceptions=True), timeout=deadline - loop.time()
-            )
-        except TimeoutError:
-            raise DeadlineExceededError(
-                "the request timed out while its heatmaps were being drawn; ask for rollout=true "
-                "(the grid without the picture) or send smaller images"
-            ) from None
-        finally:
-            self._preprocessing -= len(jobs)
-        pngs: list[str] = []
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-            pngs.append(outcome)
-        return pngs
+        return await self._in_pool(
+            calls,
+            deadline,
+            "the request timed out while its heatmaps were being drawn; ask for rollout=true "
+            "(the grid without the picture) or send smaller images",
+        )
 
     def _top_k(self, top_k: int | None, spec: ModelSpec) -> int:
         k = self.settings.top_k_default if top_k is None else top_k
@@ -601,29 +588,34 @@ class Classifier:
                 f"the server is overloaded (decode queue full at {self.settings.max_queue_images} "
                 "images); retry shortly"
             )
+        calls = [functools.partial(self._prepare, u, spec, resize) for u in uploads]
+        return await self._in_pool(
+            calls, deadline, "the request timed out while its images were being decoded"
+        )
+
+    async def _in_pool(
+        self, calls: Sequence[Callable[[], T]], deadline: float, late: str
+    ) -> list[T]:
+        """Each call in the preprocessing pool, counted in its backlog while it waits or runs;
+        DeadlineExceededError(`late`) at the deadline. The first failure in the calls' order is
+        raised, so a request's answer does not depend on which thread finished first."""
         loop = asyncio.get_running_loop()
-        jobs = [
-            loop.run_in_executor(self._pool, functools.partial(self._prepare, u, spec, resize))
-            for u in uploads
-        ]
-        self._preprocessing += len(uploads)
+        jobs = [loop.run_in_executor(self._pool, call) for call in calls]
+        self._preprocessing += len(jobs)
         try:
             outcomes = await asyncio.wait_for(
                 asyncio.gather(*jobs, return_exceptions=True), timeout=deadline - loop.time()
             )
         except TimeoutError:
-            raise DeadlineExceededError(
-                "the request timed out while its images were being decoded"
-            ) from None
+            raise DeadlineExceededError(late) from None
         finally:
-            self._preprocessing -= len(uploads)
-        prepared: list[PreparedImage] = []
+            self._preprocessing -= len(jobs)
+        results: list[T] = []
         for outcome in outcomes:
-            # The first bad image in request order decides the answer: deterministic messages.
             if isinstance(outcome, BaseException):
                 raise outcome
-            prepared.append(outcome)
-        return prepared
+            results.append(outcome)
+        return results
 
     def _prepare(self, upload: Upload, spec: ModelSpec, resize: ResizePolicy) -> PreparedImage:
         """Runs in the preprocessing pool."""
