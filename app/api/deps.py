@@ -10,7 +10,8 @@ from app.classifier import Classifier
 from app.errors import NotReadyError
 
 
-def get_classifier(request: Request) -> Classifier:
+async def get_classifier(request: Request) -> Classifier:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request.
     classifier = getattr(request.app.state, "classifier", None)
     if not isinstance(classifier, Classifier) or not classifier.ready:
         raise NotReadyError("the models are not loaded yet or the server is stopping; retry")
