@@ -48,19 +48,14 @@ from app.repository import (
     signature,
 )
 from app.rollout import RolloutMap, RolloutParams, RolloutResult, heatmap_png, normalise
-from app.runtime import (
-    Backend,
-    OnnxBackend,
-    OnnxRolloutBackend,
-    RolloutBackend,
-    candidate_providers,
-)
 from app.sessions import (
     BackendFactory,
     RolloutBackendFactory,
     SessionLoader,
     Sessions,
     load_failure,
+    onnx_backends,
+    onnx_rollout_backends,
 )
 from app.settings import Settings
 from app.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec
@@ -109,54 +104,6 @@ def _declares_image(content_type: str | None) -> bool:
         return True
     mime = content_type.split(";")[0].strip().lower()
     return mime.startswith("image/") or mime == "application/octet-stream"
-
-
-def onnx_backends(settings: Settings) -> BackendFactory:
-    """The production factory: an ONNX Runtime session per model version, warmed up."""
-    providers = candidate_providers(settings.providers)
-
-    def load(version: ModelVersion) -> Backend:
-        backend = OnnxBackend(
-            version.graph_path,
-            version.spec,
-            providers,
-            settings.intra_op_threads,
-            settings.intra_op_spinning,
-        )
-        if settings.warmup:
-            backend.warm_up()
-        log.info("model %s version %d on %s", version.name, version.version, backend.provider)
-        return backend
-
-    return load
-
-
-def onnx_rollout_backends(settings: Settings) -> RolloutBackendFactory:
-    """A session per version's rollout graph, where it has one, created and warmed at start."""
-    providers = candidate_providers(settings.providers)
-
-    def load(version: ModelVersion) -> RolloutBackend | None:
-        if version.rollout_path is None or version.spec.rollout is None:
-            log.info("model %s version %d: no rollout graph", version.name, version.version)
-            return None
-        backend = OnnxRolloutBackend(
-            version.rollout_path,
-            version.spec,
-            providers,
-            settings.intra_op_threads,
-            settings.intra_op_spinning,
-        )
-        if settings.warmup:
-            backend.warm_up()
-        log.info(
-            "model %s version %d rollout graph on %s",
-            version.name,
-            version.version,
-            backend.provider,
-        )
-        return backend
-
-    return load
 
 
 def _shown(key: tuple[str, int]) -> str:

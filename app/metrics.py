@@ -26,6 +26,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from app.providers import graph_form
+
 if TYPE_CHECKING:
     from app.batching import BatchKey
     from app.classifier import Classifier
@@ -211,8 +213,9 @@ class Metrics:
         )
         self.model_info = Gauge(
             "model_info",
-            "1 for each served model version, with its provider and native grid",
-            ["model", "version", "provider", "grid"],
+            "1 for each served model version, with its provider, native grid and graph form "
+            "(optimization: none, fused, fp16)",
+            ["model", "version", "provider", "grid", "optimization"],
             namespace=ns,
             registry=r,
         )
@@ -241,6 +244,7 @@ class Metrics:
                 version=str(version.version),
                 provider=provider,
                 grid=f"{grid[0]}x{grid[1]}",
+                optimization=graph_form(version.spec, version.version),
             ).set(1)
         self.models_not_ready.set(len(classifier.repository.unavailable))
 

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from app import providers as prov
+from app.providers import CPU as CPU  # re-exported: callers name providers from here too
+from app.providers import CUDA as CUDA
+from app.providers import GPU_PROVIDERS, Profile, TensorrtConfig
+from app.providers import TENSORRT as TENSORRT
+from app.repository import ModelVersion
 from app.rollout import RolloutParams
+from app.settings import Settings
 from app.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
 
 
 class Backend(Protocol):
@@ -49,51 +54,123 @@ class RuntimeLoadError(RuntimeError):
     """A graph could not be loaded into ONNX Runtime."""
 
 
+def _loads(*names: str) -> bool:
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
+
+
 def _cuda_driver_present() -> bool:
     # onnxruntime-gpu lists the CUDA and TensorRT providers on every machine and, without a
     # driver, prints a page of errors before falling back; a missing libcuda settles it quietly.
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
+    return _loads("libcuda.so.1")
 
 
-def candidate_providers(requested: list[str] | None) -> list[str]:
-    """The providers to try, best first; CPU is always the last resort.
+def _tensorrt_libraries_present() -> bool:
+    # The same for TensorRT, whose libraries are a separate install (the CUDA image may lack
+    # them): without libnvinfer ONNX Runtime logs a failure per session and drops TensorRT.
+    return _loads("libnvinfer.so.10", "libnvinfer.so.8")
 
-    Without an explicit list: CUDA when a driver is present, then CPU. TensorRT is opt-in
-    (name it in the list): it builds an engine per input shape range, and the `fit` policy sends
-    many grids, so each new grid could stall a request for the length of an engine build.
+
+def candidate_providers(requested: list[str] | None, takes_tensorrt: bool = False) -> list[str]:
+    """The providers to try for a graph, best first; CPU is always the last resort.
+
+    Without an explicit list: TensorRT, CUDA, CPU, as far as the driver, the libraries and
+    this ONNX Runtime build allow. TensorRT only for a graph that `takes_tensorrt`
+    (`app.providers.takes_tensorrt`) and whose session is given TensorRT's options
+    (`execution_plan`): without explicit profiles it would rebuild its engine per new grid.
     """
     available = ort.get_available_providers()
     if requested is not None:
         unknown = [p for p in requested if p not in available]
         if unknown:
             log.warning("providers %s are not in this ONNX Runtime build (%s)", unknown, available)
-        chosen = [p for p in requested if p in available]
-    else:
-        chosen = [CUDA] if CUDA in available and _cuda_driver_present() else []
-    if CPU not in chosen:
-        chosen.append(CPU)
-    return chosen
+    driver = _cuda_driver_present()
+    return prov.candidate_providers(
+        requested,
+        available,
+        driver=driver,
+        tensorrt_libraries=takes_tensorrt and driver and _tensorrt_libraries_present(),
+        takes_tensorrt=takes_tensorrt,
+    )
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """How one graph of one version is to be run: providers with their options."""
+
+    providers: list[str]
+    options: dict[str, dict[str, str]]
+    profile: Profile | None  # TensorRT's, where TensorRT is offered
+    optimization: str  # the graph's form, from model.json
+
+    def describe(self, provider: str) -> str:
+        """For the log line of a loaded graph: the provider in use and what matters of it."""
+        shown = prov.options_shown(provider, self.options)
+        return f"{provider} ({shown})" if shown else provider
+
+
+def execution_plan(settings: Settings, version: ModelVersion, rollout: bool) -> ExecutionPlan:
+    """Providers and options for a version's plain (`rollout` False) or rollout graph."""
+    spec = version.spec
+    files = spec.versions.get(version.version)
+    level = prov.graph_form(spec, version.version)
+    providers = candidate_providers(settings.providers, prov.takes_tensorrt(level, rollout))
+    tensorrt = None
+    profile = None
+    if TENSORRT in providers and files is not None:
+        arch = spec.architecture
+        profile = prov.served_profile(
+            arch,
+            settings.fit_max_tokens or 2 * arch.native_tokens,
+            settings.max_batch_size,
+            settings.max_batch_tokens,
+        )
+        key = prov.tensorrt_options_key(profile, settings.trt_fp16)
+        tensorrt = TensorrtConfig(
+            input_name=spec.input_name,
+            profile=profile,
+            fp16=settings.trt_fp16,
+            cache_root=settings.trt_cache_dir,
+            engine_dir=prov.engine_cache_dir(
+                settings.trt_cache_dir, spec.name, version.version, files.model, key
+            ),
+        )
+    return ExecutionPlan(providers, prov.provider_options(providers, tensorrt), profile, level)
 
 
 def open_session(
-    graph: Path, providers: list[str], intra_op_threads: int = 0, spinning: bool = False
+    graph: Path,
+    providers: list[str],
+    intra_op_threads: int = 0,
+    spinning: bool = False,
+    options: Mapping[str, dict[str, str]] | None = None,
 ) -> tuple[ort.InferenceSession, str]:
     """A session on the first of `providers` that really works, and that provider's name.
 
     `spinning`: let ORT's intra-op threads spin-wait for work after each run. A benchmark of
     one session alone gains a little from it; a server loses more, because the spinning threads
-    burn the cores that decoding and the event loop need between batches.
+    burn the cores that decoding and the event loop need between batches. `options`: per
+    provider (`app.providers.provider_options`).
     """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = intra_op_threads
+    session_options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if spinning else "0"
+    )
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if options is not None and TENSORRT in providers and TENSORRT in options:
+        # TensorRT creates its cache directories only one level deep.
+        Path(options[TENSORRT]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+    per_provider = [dict((options or {}).get(p, {})) for p in providers]
     try:
-        session = ort.InferenceSession(str(graph), options, providers=providers)
+        session = ort.InferenceSession(
+            str(graph), session_options, providers=providers, provider_options=per_provider
+        )
     except Exception as exc:  # ORT raises its own untyped errors (Fail, InvalidGraph, ...)
         raise RuntimeLoadError(f"could not load {graph}: {exc}") from exc
     # ORT silently drops a provider whose libraries fail to load: ask what it really uses.
@@ -103,8 +180,48 @@ def open_session(
     return session, provider
 
 
+def run_session(
+    session: ort.InferenceSession,
+    feeds: Mapping[str, NDArray[Any]],
+    outputs: list[str],
+    device: str | None,
+) -> list[NDArray[Any]]:
+    """Run `session`; with a `device` ("cuda", or "cpu" to test the path), through IO binding.
+
+    Bound, the host inputs are copied to the device once, by ONNX Runtime on its stream, and
+    each output is allocated on `device` and copied back once: the copies `session.run` makes
+    as well, but explicit, so none is added (the patches go up as uint8, 4x smaller than
+    float32, the logits come down as batch x classes floats), and the place where inputs
+    already on the device (a GPU decoder) would be bound instead.
+    """
+    if device is None:
+        return list(session.run(outputs, dict(feeds)))
+    binding = session.io_binding()
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(array))
+    for name in outputs:
+        binding.bind_output(name, device, prov.DEVICE_ID)
+    session.run_with_iobinding(binding)
+    return list(binding.copy_outputs_to_cpu())
+
+
+def _binding_device(provider: str, io_binding: bool | None) -> str | None:
+    """Where outputs are bound: the GPU for GPU providers; None (plain run) on the CPU, unless
+    `io_binding` forces the bound path there (tests)."""
+    if io_binding is False:
+        return None
+    if provider in GPU_PROVIDERS:
+        return "cuda"
+    return "cpu" if io_binding else None
+
+
 class OnnxBackend:
-    """One InferenceSession for one model version's graph."""
+    """One InferenceSession for one model version's graph.
+
+    On TensorRT, batches whose shape its profile leaves out (grids of images wider than 4:1,
+    see `app.providers.served_profile`) run on a second session of the same graph on the
+    providers after TensorRT (CUDA), so no grid ever waits for an engine build or fails.
+    """
 
     def __init__(
         self,
@@ -113,19 +230,42 @@ class OnnxBackend:
         providers: list[str],
         intra_op_threads: int = 0,
         spinning: bool = False,
+        *,
+        options: Mapping[str, dict[str, str]] | None = None,
+        profile: Profile | None = None,
+        io_binding: bool | None = None,
     ) -> None:
         self.spec = spec
-        self._session, self._provider = open_session(graph, providers, intra_op_threads, spinning)
+        self._session, self._provider = open_session(
+            graph, providers, intra_op_threads, spinning, options
+        )
         self._input = spec.input_name
         self._output = spec.outputs[0].name
+        self._device = _binding_device(self._provider, io_binding)
+        self._profile = profile if self._provider == TENSORRT else None
+        self._outside: tuple[ort.InferenceSession, str | None] | None = None
+        if self._profile is not None:
+            rest = [p for p in providers if p != TENSORRT]
+            session, provider = open_session(graph, rest, intra_op_threads, spinning, options)
+            self._outside = (session, _binding_device(provider, io_binding))
 
     @property
     def provider(self) -> str:
         return self._provider
 
+    @property
+    def io_binding(self) -> bool:
+        return self._device is not None
+
     def run(self, patches: NDArray[np.uint8]) -> NDArray[np.float32]:
-        (logits,) = self._session.run([self._output], {self._input: patches})
+        session, device = self._session, self._device
+        if self._outside is not None and not self._profile_covers(patches.shape):
+            session, device = self._outside
+        (logits,) = run_session(session, {self._input: patches}, [self._output], device)
         return np.asarray(logits, dtype=np.float32)
+
+    def _profile_covers(self, shape: tuple[int, ...]) -> bool:
+        return self._profile is None or self._profile.covers(shape)
 
     def warm_up(self, grid: tuple[int, int] | None = None, batch: int = 1) -> None:
         """Run once so the first request does not pay for allocations and kernel selection."""
@@ -150,6 +290,9 @@ class OnnxRolloutBackend:
         providers: list[str],
         intra_op_threads: int = 0,
         spinning: bool = False,
+        *,
+        options: Mapping[str, dict[str, str]] | None = None,
+        io_binding: bool | None = None,
     ) -> None:
         if spec.rollout is None:
             raise RuntimeLoadError(f"{graph}: model.json of {spec.name} has no rollout contract")
@@ -160,7 +303,10 @@ class OnnxRolloutBackend:
         self._patches, self._fusion, self._ratio = (t.name for t in contract.inputs)
         self._outputs = [t.name for t in contract.outputs]
         self._fusion_index = {name: i for i, name in enumerate(contract.head_fusions)}
-        self._session, self._provider = open_session(graph, providers, intra_op_threads, spinning)
+        self._session, self._provider = open_session(
+            graph, providers, intra_op_threads, spinning, options
+        )
+        self._device = _binding_device(self._provider, io_binding)
 
     @property
     def provider(self) -> str:
@@ -169,12 +315,12 @@ class OnnxRolloutBackend:
     def run(
         self, patches: NDArray[np.uint8], params: RolloutParams
     ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        feeds = {
+        feeds: dict[str, NDArray[Any]] = {
             self._patches: patches,
             self._fusion: np.array(self._fusion_index[params.head_fusion], dtype=np.int64),
             self._ratio: np.array(params.discard_ratio, dtype=np.float32),
         }
-        logits, rollout = self._session.run(self._outputs, feeds)
+        logits, rollout = run_session(self._session, feeds, self._outputs, self._device)
         return np.asarray(logits, dtype=np.float32), np.asarray(rollout, dtype=np.float32)
 
     def warm_up(self, grid: tuple[int, int] | None = None, batch: int = 1) -> None:

@@ -20,7 +20,13 @@ from numpy.typing import NDArray
 from app.priority import in_lowered_thread
 from app.repository import ModelVersion
 from app.rollout import RolloutParams
-from app.runtime import Backend, RolloutBackend
+from app.runtime import (
+    Backend,
+    OnnxBackend,
+    OnnxRolloutBackend,
+    RolloutBackend,
+    execution_plan,
+)
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -128,6 +134,67 @@ def make_sessions(
     rollout = rollout_factory(version)
     guarded = None if rollout is None else GuardedRolloutBackend(rollout, guard)
     return Sessions(version, lanes, guarded)
+
+
+def onnx_backends(settings: Settings) -> BackendFactory:
+    """The production factory: an ONNX Runtime session per model version, on the providers and
+    options of its `execution_plan`, warmed up (on TensorRT: the engine is built, or loaded
+    from the cache, here, not on a request)."""
+
+    def load(version: ModelVersion) -> Backend:
+        plan = execution_plan(settings, version, rollout=False)
+        backend = OnnxBackend(
+            version.graph_path,
+            version.spec,
+            plan.providers,
+            settings.intra_op_threads,
+            settings.intra_op_spinning,
+            options=plan.options,
+            profile=plan.profile,
+        )
+        if settings.warmup:
+            backend.warm_up()
+        log.info(
+            "model %s version %d on %s, graph %s, io binding %s",
+            version.name,
+            version.version,
+            plan.describe(backend.provider),
+            plan.optimization,
+            "on" if backend.io_binding else "off",
+        )
+        return backend
+
+    return load
+
+
+def onnx_rollout_backends(settings: Settings) -> RolloutBackendFactory:
+    """A session per version's rollout graph, where it has one, created and warmed at start
+    (CUDA first on a GPU: see `app.providers.takes_tensorrt`)."""
+
+    def load(version: ModelVersion) -> RolloutBackend | None:
+        if version.rollout_path is None or version.spec.rollout is None:
+            log.info("model %s version %d: no rollout graph", version.name, version.version)
+            return None
+        plan = execution_plan(settings, version, rollout=True)
+        backend = OnnxRolloutBackend(
+            version.rollout_path,
+            version.spec,
+            plan.providers,
+            settings.intra_op_threads,
+            settings.intra_op_spinning,
+            options=plan.options,
+        )
+        if settings.warmup:
+            backend.warm_up()
+        log.info(
+            "model %s version %d rollout graph on %s",
+            version.name,
+            version.version,
+            plan.describe(backend.provider),
+        )
+        return backend
+
+    return load
 
 
 def load_failure(exc: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -94,8 +95,22 @@ class Settings(BaseSettings):
     )
     providers: list[str] | None = Field(
         default=None,
-        description="ONNX Runtime providers in order of preference; None: CUDA when it works, "
-        "else CPU (JSON list in the environment)",
+        description="ONNX Runtime providers in order of preference; None: TensorRT (graphs "
+        "exported with --optimize none), CUDA, where a GPU driver is present, else CPU (JSON "
+        "list in the environment)",
+    )
+    trt_fp16: bool = Field(
+        default=True,
+        description="TensorRT may run layers in float16 (logits then differ from float32 by "
+        "~1e-3, ranking hardly ever)",
+    )
+    # Not the model repository: it is mounted read-only in the deployments, and engines are
+    # per GPU and per TensorRT version, not part of a model. /tmp is writable there (an
+    # emptyDir in Kubernetes); mount a volume here to keep engines across restarts.
+    trt_cache_dir: Path = Field(
+        default=Path(tempfile.gettempdir()) / "vit-serve-tensorrt",
+        description="TensorRT engine and timing caches (per model, version, graph sha256 and "
+        "profile below it): a start finds its engines here instead of building them",
     )
     model_failure_threshold: int = Field(
         default=3,

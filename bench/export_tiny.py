@@ -1,6 +1,10 @@
-"""Export a randomly initialised ViT-Ti/16 at 224x224 into an ignored bench repository.
+"""Export a randomly initialised ViT-Ti/16 (or ViT-B/16) at 224x224 into an ignored bench
+repository.
 
     .venv/bin/python -m bench.export_tiny                 # -> build/bench_repo/vit-ti16
+    .venv/bin/python -m bench.export_tiny --variant base --optimize none
+                                                          # -> build/bench_repo/vit-b16
+                                                          #    (the plain graph TensorRT takes)
 
 Only its cost matters to the benchmarks (`bench.load`), so the weights are random; the export
 step's parity checks still run. Needs the export extra (PyTorch).
@@ -13,32 +17,56 @@ from pathlib import Path
 
 import torch
 
-from app.spec import SPEC_FILENAME, Preprocess, Source
+from app.spec import SPEC_FILENAME, OptimizationLevel, Preprocess, Source
 from export.onnx_export import export_to_repository
 from export.vit import VisionTransformer, ViTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def vit_ti16() -> VisionTransformer:
-    """ViT-Ti/16 at 224x224 (grid 14x14), 1000 classes, random weights (seed 0)."""
+VARIANTS = {"tiny": "vit-ti16", "base": "vit-b16"}  # ViTConfig's variant -> default name
+
+
+def vit16(variant: str = "tiny") -> VisionTransformer:
+    """ViT-Ti/16 or ViT-B/16 at 224x224 (grid 14x14), 1000 classes, random weights (seed 0)."""
     torch.manual_seed(0)
-    cfg = ViTConfig.variant("tiny", patch_size=16, grid=(14, 14), num_classes=1000)
+    cfg = ViTConfig.variant(variant, patch_size=16, grid=(14, 14), num_classes=1000)
     return VisionTransformer(cfg).eval()
+
+
+def vit_ti16() -> VisionTransformer:
+    return vit16("tiny")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--repo", type=Path, default=ROOT / "build" / "bench_repo")
-    p.add_argument("--name", default="vit-ti16")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="tiny")
+    p.add_argument("--name", help="default: vit-ti16 or vit-b16, after the variant")
+    p.add_argument(
+        "--optimize",
+        choices=["none", "fused", "fp16"],
+        default="fused",
+        help="the graph's form; none for TensorRT (it cannot parse ONNX Runtime's fused ops)",
+    )
     a = p.parse_args(argv)
-    if (a.repo / a.name / SPEC_FILENAME).exists():
-        print(f"{a.repo / a.name} exists; nothing to do")
+    name = a.name or VARIANTS[a.variant]
+    if (a.repo / name / SPEC_FILENAME).exists():
+        print(f"{a.repo / name} exists; nothing to do")
         return
-    model = vit_ti16()
+    model = vit16(a.variant)
     labels = [f"class_{i}" for i in range(model.cfg.num_classes)]
-    export_to_repository(model, a.repo, a.name, labels, Preprocess(), Source(framework="vit-serve"))
-    print(f"wrote {a.repo / a.name}")
+    optimize: OptimizationLevel = a.optimize
+    export_to_repository(
+        model,
+        a.repo,
+        name,
+        labels,
+        Preprocess(),
+        Source(framework="vit-serve"),
+        optimize=optimize,
+    )
+    print(f"wrote {a.repo / name}")
 
 
 if __name__ == "__main__":

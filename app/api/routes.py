@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 
 from app.api.auth import ApiKeyDep
 from app.api.deps import ClassifierDep
@@ -20,6 +20,7 @@ from app.api.schemas import (
 )
 from app.api.uploads import read_uploads
 from app.errors import NotReadyError
+from app.providers import TENSORRT, graph_form
 from app.rollout import HeadFusion, RolloutParams
 
 router = APIRouter()
@@ -112,7 +113,7 @@ async def classify(
         float | None,
         Header(gt=0, allow_inf_nan=False, description="as timeout_ms; the lower of both wins"),
     ] = None,
-) -> ClassifyResponse:
+) -> Response:
     arrived = asyncio.get_running_loop().time()
     given = [t for t in (timeout_ms, x_request_timeout_ms) if t is not None]
     with classifier.admission():
@@ -128,7 +129,10 @@ async def classify(
             timeout_ms=min(given, default=None),
             arrived=arrived,
         )
-    return ClassifyResponse.model_validate(result)
+    # Serialised here, once: returned as a model, FastAPI would validate it a second time against
+    # `response_model` (which stays for the OpenAPI document) before encoding it.
+    answer = ClassifyResponse.model_validate(result).model_dump_json(exclude_none=True)
+    return Response(answer, media_type="application/json")
 
 
 @router.get("/healthz", response_model=Status)
@@ -160,6 +164,7 @@ async def models(classifier: ClassifierDep) -> ModelsResponse:
     for name, entry in sorted(repository.models.items()):
         spec = entry.spec
         arch = spec.architecture
+        provider = classifier.provider(entry)
         infos.append(
             ModelInfo(
                 name=name,
@@ -173,7 +178,9 @@ async def models(classifier: ClassifierDep) -> ModelsResponse:
                 input_size=arch.input_size,
                 fit_max_tokens=classifier.fit_max_tokens(spec),
                 preprocess=PreprocessInfo.model_validate(spec.preprocess),
-                provider=classifier.provider(entry),
+                provider=provider,
+                optimization=graph_form(spec, entry.default_version),
+                tensorrt_fp16=classifier.settings.trt_fp16 if provider == TENSORRT else None,
             )
         )
     not_ready = [

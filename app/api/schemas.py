@@ -73,6 +73,15 @@ class ModelInfo(_Schema):
     fit_max_tokens: int = Field(description="token cap of the `fit` resize policy")
     preprocess: PreprocessInfo
     provider: str = Field(description="ONNX Runtime execution provider in use")
+    optimization: Literal["none", "fused", "fp16"] = Field(
+        default="none",
+        description="the default version's graph form (model.json versions.<n>.optimization): "
+        "none as traced (what TensorRT takes), fused with ONNX Runtime's operators, fp16",
+    )
+    tensorrt_fp16: bool | None = Field(
+        default=None,
+        description="on TensorRT: whether it may run layers in float16; null on other providers",
+    )
 
 
 class NotReady(_Schema):

@@ -68,6 +68,8 @@ async def test_models_describes_each_model(client: httpx.AsyncClient) -> None:
                     "interpolation": "bicubic",
                 },
                 "provider": "CPUExecutionProvider",
+                "optimization": "fused",
+                "tensorrt_fp16": None,
             }
         ],
         "not_ready": [],

@@ -60,7 +60,7 @@ async def test_a_classification_is_seen_in_every_stage_metric(make_client: Clien
     assert value(families["vit_serve_requests_in_flight"], "vit_serve_requests_in_flight") == 0
     info = families["vit_serve_model_info"]
     for version in ("1", "2"):
-        labels = {"model": "tiny", "version": version, "grid": "8x8"}
+        labels = {"model": "tiny", "version": version, "grid": "8x8", "optimization": "fused"}
         assert value(info, "vit_serve_model_info", provider="CPUExecutionProvider", **labels) == 1
     # The scrape and the probes are not traffic.
     assert not [s for s in requests if s.labels["route"] in ("/metrics", "/healthz", "/readyz")]

@@ -17,11 +17,11 @@ import pytest
 from numpy.typing import NDArray
 from PIL import ExifTags, Image
 
-from app.classifier import onnx_backends, onnx_rollout_backends
 from app.imaging import ResizePolicy, prepare
 from app.repository import ModelVersion
 from app.rollout import RolloutParams
 from app.runtime import Backend, RolloutBackend
+from app.sessions import onnx_backends, onnx_rollout_backends
 from app.settings import Settings
 from app.spec import GraphFiles, ModelSpec
 from tests.api.conftest import serve

@@ -1,0 +1,68 @@
+"""What GET /models and the model_info metric say about how each version runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from app.providers import TENSORRT
+from app.repository import ModelVersion
+from app.runtime import Backend
+from app.settings import Settings
+from tests.api.conftest import serve
+from tests.support import TinyRepo
+
+pytestmark = pytest.mark.anyio
+
+DEMO_REPO = Path(__file__).resolve().parents[2] / "model_repo"
+
+
+class OnTensorrt:
+    """Reports TensorRT, as a session on a GPU would; zero logits."""
+
+    provider = TENSORRT
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+
+    def run(self, patches: NDArray[np.uint8]) -> NDArray[np.float32]:
+        return np.zeros((len(patches), self.num_classes), dtype=np.float32)
+
+
+def on_tensorrt(version: ModelVersion) -> Backend:
+    return OnTensorrt(version.spec.architecture.num_classes)
+
+
+async def test_the_demo_model_shows_its_graph_form_and_no_tensorrt_precision() -> None:
+    async with serve(Settings(model_repo=DEMO_REPO)) as client:
+        (model,) = (await client.get("/models")).json()["models"]
+        metrics = (await client.get("/metrics")).text
+    assert (model["provider"], model["optimization"], model["tensorrt_fp16"]) == (
+        "CPUExecutionProvider",
+        "none",
+        None,
+    )
+    assert (
+        'vit_serve_model_info{grid="8x8",model="demo-shapes",optimization="none",'
+        'provider="CPUExecutionProvider",version="1"} 1.0' in metrics
+    )
+
+
+async def test_on_tensorrt_models_show_whether_fp16_is_on(tiny_repo: TinyRepo) -> None:
+    for fp16 in (True, False):
+        settings = Settings(model_repo=tiny_repo.root, trt_fp16=fp16)
+        async with serve(settings, on_tensorrt, lambda version: None) as client:
+            (model,) = (await client.get("/models")).json()["models"]
+            metrics = (await client.get("/metrics")).text
+        assert (model["provider"], model["optimization"], model["tensorrt_fp16"]) == (
+            TENSORRT,
+            "fused",
+            fp16,
+        )
+        assert (
+            'vit_serve_model_info{grid="8x8",model="tiny",optimization="fused",'
+            f'provider="{TENSORRT}",version="2"}} 1.0' in metrics
+        )
