@@ -37,6 +37,7 @@ from app.imaging import (
 )
 from app.postprocess import Prediction, classify
 from app.priority import lower_this_thread
+from app.providers import GPU_PROVIDERS
 from app.reload import plan_reload
 from app.repository import (
     ModelEntry,
@@ -148,7 +149,9 @@ class Classifier:
                 k: s.rollout for k, s in self._sessions.items() if s.rollout is not None
             },
             max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_tokens=settings.batch_tokens(
+                gpu=any(s.provider in GPU_PROVIDERS for s in self._sessions.values())
+            ),
             max_queue_images=settings.max_queue_images,
             max_queue_delay_ms=settings.max_queue_delay_ms,
             more_instances=lanes[1:],

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 
-from app.api.auth import ApiKeyDep
-from app.api.deps import ClassifierDep
+from app.api.auth import API_KEY_SECURITY, check_api_key
+from app.api.deps import ClassifierDep, get_classifier
+from app.api.params import openapi_parameters, read_params
 from app.api.schemas import (
     ClassifyResponse,
     ErrorBody,
@@ -21,7 +22,6 @@ from app.api.schemas import (
 from app.api.uploads import read_uploads
 from app.errors import NotReadyError
 from app.providers import TENSORRT, graph_form
-from app.rollout import HeadFusion, RolloutParams
 
 router = APIRouter()
 
@@ -67,66 +67,26 @@ _BODY: dict[str, Any] = {
     # Fields a request did not ask for (`rollout`, `heatmap_png`) are left out, not null.
     response_model_exclude_none=True,
     responses=_ERRORS,
-    openapi_extra=_BODY,
+    openapi_extra={**_BODY, "parameters": openapi_parameters(), "security": API_KEY_SECURITY},
 )
-async def classify(
-    request: Request,
-    _key: ApiKeyDep,  # before anything else: a refused request costs no work
-    classifier: ClassifierDep,
-    model: Annotated[
-        str | None, Query(max_length=200, description="default: the server's default model")
-    ] = None,
-    version: Annotated[int | None, Query(ge=0, description="default: the highest")] = None,
-    top_k: Annotated[int | None, Query(ge=1, description="default 5, clipped to classes")] = None,
-    resize: Annotated[
-        Literal["crop", "fit"],
-        Query(description="crop: the training preprocessing; fit: keep the aspect ratio"),
-    ] = "crop",
-    rollout: Annotated[
-        Literal["false", "true", "png"],
-        Query(
-            description="true: add each image's attention rollout grid (runs the rollout graph); "
-            "png: also a heatmap of it over the image"
-        ),
-    ] = "false",
-    head_fusion: Annotated[
-        HeadFusion, Query(description="rollout: how each block's attention heads are fused")
-    ] = "mean",
-    discard_ratio: Annotated[
-        float,
-        Query(
-            ge=0.0,
-            lt=1.0,
-            allow_inf_nan=False,
-            description="rollout: fraction of lowest attentions zeroed per block",
-        ),
-    ] = 0.0,
-    timeout_ms: Annotated[
-        float | None,
-        Query(
-            gt=0,
-            allow_inf_nan=False,
-            description="this request's deadline in ms; lowers the server's, never raises it",
-        ),
-    ] = None,
-    x_request_timeout_ms: Annotated[
-        float | None,
-        Header(gt=0, allow_inf_nan=False, description="as timeout_ms; the lower of both wins"),
-    ] = None,
-) -> Response:
+async def classify(request: Request) -> Response:
+    # The key, the classifier and the parameters are checked here, in that order, rather than
+    # declared for FastAPI to resolve: see app/api/params.py.
     arrived = asyncio.get_running_loop().time()
-    given = [t for t in (timeout_ms, x_request_timeout_ms) if t is not None]
+    check_api_key(request)  # before anything else: a refused request costs no work
+    classifier = await get_classifier(request)
+    params = read_params(request)
     with classifier.admission():
         uploads = await read_uploads(request, classifier.settings)
         result = await classifier.classify(
             uploads,
-            model=model,
-            version=version,
-            top_k=top_k,
-            resize=resize,
-            rollout=None if rollout == "false" else RolloutParams(head_fusion, discard_ratio),
-            heatmap=rollout == "png",
-            timeout_ms=min(given, default=None),
+            model=params.model,
+            version=params.version,
+            top_k=params.top_k,
+            resize=params.resize,
+            rollout=params.rollout_params,
+            heatmap=params.rollout == "png",
+            timeout_ms=params.deadline_ms,
             arrived=arrived,
         )
     # Serialised here, once: returned as a model, FastAPI would validate it a second time against

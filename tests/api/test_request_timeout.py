@@ -37,3 +37,34 @@ async def test_a_bad_client_deadline_is_a_422(client: httpx.AsyncClient, value: 
         "/classify", params={"timeout_ms": value}, content=png(64, 64), headers=headers
     )
     assert response.status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("params", "headers", "message"),
+    [
+        (
+            {},
+            {"x-request-timeout-ms": "0"},
+            "header 'x-request-timeout-ms': Input should be greater than 0",
+        ),
+        (
+            {"timeout_ms": "soon"},
+            {},
+            "query parameter 'timeout_ms': Input should be a valid number, unable to parse "
+            "string as a number",
+        ),
+        (
+            {"timeout_ms": "-1", "top_k": "0"},
+            {"x-request-timeout-ms": "nan"},
+            "query parameter 'top_k': Input should be greater than or equal to 1; "
+            "query parameter 'timeout_ms': Input should be greater than 0; "
+            "header 'x-request-timeout-ms': Input should be a finite number",
+        ),
+    ],
+)
+async def test_each_bad_deadline_is_named_in_the_422(
+    client: httpx.AsyncClient, params: dict[str, str], headers: dict[str, str], message: str
+) -> None:
+    headers = {"content-type": "image/png", **headers}
+    response = await client.post("/classify", params=params, content=png(64, 64), headers=headers)
+    assert (response.status_code, response.json()) == (422, {"detail": message})

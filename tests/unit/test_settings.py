@@ -20,7 +20,10 @@ def test_defaults_are_the_documented_limits(monkeypatch: pytest.MonkeyPatch) -> 
     assert s.image_max_pixels == 40_000_000
     assert (s.images_per_request_max, s.top_k_default, s.top_k_max) == (16, 5, 100)
     assert s.fit_max_tokens is None  # 2x each model's native tokens
-    assert (s.max_batch_size, s.max_batch_tokens, s.max_queue_images) == (32, 8192, 256)
+    assert (s.max_batch_size, s.max_batch_tokens, s.max_queue_images) == (32, None, 256)
+    # Unset, the token budget follows the device: 32 native grids of the demo model on a CPU.
+    assert (s.batch_tokens(gpu=False), s.batch_tokens(gpu=True)) == (2048, 8192)
+    assert Settings(max_batch_tokens=500).batch_tokens(gpu=False) == 500
     assert (s.request_timeout_s, s.preprocess_threads, s.intra_op_threads) == (30.0, 2, 0)
     assert s.providers is None
 

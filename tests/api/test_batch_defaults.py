@@ -1,0 +1,22 @@
+"""The batch token budget follows the device the sessions run on, unless it is set."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.main import create_app
+from app.settings import Settings
+from tests.support import TinyRepo
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(("setting", "budget"), [(None, 2048), (640, 640)])
+async def test_the_cpu_batch_budget(tiny_repo: TinyRepo, setting: int | None, budget: int) -> None:
+    app = create_app(Settings(model_repo=tiny_repo.root, max_batch_tokens=setting))
+    async with app.router.lifespan_context(app):
+        classifier = app.state.classifier
+        assert {provider for _, provider in classifier.versions_served()} == {
+            "CPUExecutionProvider"
+        }
+        assert classifier.batcher.max_batch_tokens == budget
