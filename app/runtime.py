@@ -163,10 +163,6 @@ def open_session(
         "session.intra_op.allow_spinning", "1" if spinning else "0"
     )
     session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    import os  # EXPERIMENT
-
-    if os.environ.get("XSTOP"):
-        session_options.add_session_config_entry("session.force_spinning_stop", "1")
     if options is not None and TENSORRT in providers and TENSORRT in options:
         # TensorRT creates its cache directories only one level deep.
         Path(options[TENSORRT]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
