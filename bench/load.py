@@ -64,6 +64,7 @@ class RawResult:
     ms_per_batch_p50: float
     spinning: bool = False
     when: str = "before"
+    cpu_ms_per_image: float = 0.0  # this process's CPU time (every ORT thread) per image
 
 
 def raw_sweep(graph: Path, spec: ModelSpec, seconds: float, when: str) -> list[RawResult]:
@@ -84,7 +85,8 @@ def raw_sweep(graph: Path, spec: ModelSpec, seconds: float, when: str) -> list[R
             results.append(r)
             print(
                 f"    raw ({when}, spinning {'on ' if spinning else 'off'}) batch {batch:>2}: "
-                f"{r.img_per_s:8.1f} img/s ({r.ms_per_batch_p50:.2f} ms)"
+                f"{r.img_per_s:8.1f} img/s ({r.ms_per_batch_p50:.2f} ms, "
+                f"{r.cpu_ms_per_image:.2f} ms CPU per image)"
             )
     return results
 
@@ -101,12 +103,16 @@ def raw_throughput(
         session.run(None, {spec.input_name: x})
     times: list[float] = []
     stop_at = time.perf_counter() + seconds
+    cpu0 = time.process_time()
     while (time.perf_counter() < stop_at or len(times) < 5) and len(times) < 100_000:
         t0 = time.perf_counter()
         session.run(None, {spec.input_name: x})
         times.append(time.perf_counter() - t0)
+    cpu_ms = (time.process_time() - cpu0) * 1e3 / (batch * len(times))
     p50 = statistics.median(times)
-    return RawResult(batch=batch, img_per_s=batch / p50, ms_per_batch_p50=p50 * 1e3)
+    return RawResult(
+        batch=batch, img_per_s=batch / p50, ms_per_batch_p50=p50 * 1e3, cpu_ms_per_image=cpu_ms
+    )
 
 
 # --- images ---------------------------------------------------------------------------------
@@ -213,6 +219,19 @@ class LoadResult:
     latency_ms_p99: float
     batch_sizes: dict[str, int] = field(default_factory=dict)  # histogram bucket "le" -> count
     mean_batch_size: float | None = None
+    # CPU time per answered image: the whole server process, its event loop thread alone (the
+    # rest is decoding and inference), and this client. On a machine whose cores the server and
+    # client share, these say where the cores went (the raw limit spends only inference on them).
+    server_cpu_ms_per_image: float | None = None
+    event_loop_cpu_ms_per_image: float | None = None
+    client_cpu_ms_per_image: float | None = None
+
+
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time of a process, or of one of its threads (Linux /proc)."""
+    where = f"/proc/{pid}" if thread is None else f"/proc/{pid}/task/{thread}"
+    fields = Path(f"{where}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def load(
@@ -223,8 +242,10 @@ async def load(
     requests: int,
     max_seconds: float,
     server: str,
+    pid: int | None = None,
 ) -> LoadResult:
-    """`requests` POSTs (or as many as fit in `max_seconds`) from `concurrency` connections."""
+    """`requests` POSTs (or as many as fit in `max_seconds`) from `concurrency` connections;
+    with the server's `pid` (on Linux), its CPU time too."""
     latencies: list[float] = []
     errors = lost = sent = 0
     stop_at = time.monotonic() + max_seconds
@@ -254,9 +275,18 @@ async def load(
             if conn is not None:
                 await conn.close()
 
+    cpu0 = (cpu_seconds(pid), cpu_seconds(pid, pid)) if pid is not None else (0.0, 0.0)
+    client0 = time.process_time()
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t0
+    client = time.process_time() - client0
+    cpu1 = (cpu_seconds(pid), cpu_seconds(pid, pid)) if pid is not None else (0.0, 0.0)
+    answered = len(latencies) - errors
+
+    def per_image(seconds: float, measured: bool = pid is not None) -> float | None:
+        return round(seconds * 1e3 / answered, 3) if measured and answered else None
+
     lat = np.array(latencies or [float("nan")]) * 1e3
     return LoadResult(
         server=server,
@@ -270,6 +300,9 @@ async def load(
         latency_ms_p50=float(np.percentile(lat, 50)),
         latency_ms_p95=float(np.percentile(lat, 95)),
         latency_ms_p99=float(np.percentile(lat, 99)),
+        server_cpu_ms_per_image=per_image(cpu1[0] - cpu0[0]),
+        event_loop_cpu_ms_per_image=per_image(cpu1[1] - cpu0[1]),
+        client_cpu_ms_per_image=per_image(client, measured=True),
     )
 
 
@@ -381,13 +414,14 @@ async def run_levels(
     max_seconds: float,
     path: str,
     with_histogram: bool,
+    pid: int | None = None,
 ) -> list[LoadResult]:
     results = []
     for c in concurrencies:
         # Warm-up at this concurrency: connections, thread pools, ORT's arena per batch size.
         await load(port, path, images, c, max(2 * c, 20), 10, name)
         before = await batch_histogram(port) if with_histogram else {}
-        result = await load(port, path, images, c, requests, max_seconds, name)
+        result = await load(port, path, images, c, requests, max_seconds, name, pid)
         if with_histogram:
             result.batch_sizes, result.mean_batch_size = histogram_delta(
                 before, await batch_histogram(port)
@@ -399,10 +433,15 @@ async def run_levels(
 
 def format_load(r: LoadResult) -> str:
     batches = f"  mean batch {r.mean_batch_size:.1f}" if r.mean_batch_size else ""
+    cpu = (
+        f"  cpu/img {r.server_cpu_ms_per_image:.2f} ms (loop {r.event_loop_cpu_ms_per_image:.2f})"
+        if r.server_cpu_ms_per_image is not None and r.event_loop_cpu_ms_per_image is not None
+        else ""
+    )
     return (
         f"{r.server:>7} concurrency {r.concurrency:>2}: {r.img_per_s:8.1f} img/s  "
         f"p50 {r.latency_ms_p50:7.1f}  p95 {r.latency_ms_p95:7.1f}  p99 {r.latency_ms_p99:7.1f} ms"
-        f"  ({r.ok} ok, {r.errors} errors, {r.lost} lost){batches}"
+        f"  ({r.ok} ok, {r.errors} errors, {r.lost} lost){batches}{cpu}"
     )
 
 
@@ -498,7 +537,7 @@ async def bench_servers(a: argparse.Namespace, images: list[bytes]) -> dict[str,
     with running(cmd, env) as process:
         await wait_ready(port, process, 120)
         out["service"] = await run_levels(
-            "service", port, images, levels, a.requests, a.max_seconds, path, True
+            "service", port, images, levels, a.requests, a.max_seconds, path, True, process.pid
         )
         if a.soak_minutes > 0:
             out["soak"] = await soak(port, process.pid, images, path, a.soak_minutes, max(levels))
@@ -508,9 +547,35 @@ async def bench_servers(a: argparse.Namespace, images: list[bytes]) -> dict[str,
         with running(cmd, env) as process:
             await wait_ready(port, process, 120)
             out["naive"] = await run_levels(
-                "naive", port, images, levels, a.requests, a.max_seconds, "/classify", False
+                "naive",
+                port,
+                images,
+                levels,
+                a.requests,
+                a.max_seconds,
+                "/classify",
+                False,
+                process.pid,
             )
     return out
+
+
+def cpu_use(limit: RawResult, service: list[LoadResult], naive: list[LoadResult]) -> dict[str, Any]:
+    """Where the cores go per image at the highest concurrency: the raw limit spends them on
+    inference alone; the servers also on HTTP, decoding and resizing, and share them with the
+    client. With every core busy, throughput is about cores / CPU per image."""
+    found: dict[str, Any] = {"raw_limit": round(limit.cpu_ms_per_image, 3)}
+    for r in (
+        max(service, key=lambda r: r.concurrency, default=None),
+        max(naive, key=lambda r: r.concurrency, default=None),
+    ):
+        if r is not None:
+            found[f"{r.server}_c{r.concurrency}"] = {
+                "server": r.server_cpu_ms_per_image,
+                "event_loop": r.event_loop_cpu_ms_per_image,
+                "client": r.client_cpu_ms_per_image,
+            }
+    return found
 
 
 def targets(
@@ -572,6 +637,8 @@ def main(argv: list[str] | None = None) -> None:
     found = targets(raw, served["service"], served["naive"])
     for name, t in found.items():
         print(f"target {name}: {t['value']} (target {t['target']})")
+    cpu = cpu_use(best, served["service"], served["naive"])
+    print(f"CPU ms per image: {cpu}")
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     plot(png, a.model, [*served["service"], *served["naive"]], best.img_per_s)
@@ -594,6 +661,7 @@ def main(argv: list[str] | None = None) -> None:
                 "naive": [asdict(r) for r in served["naive"]],
                 "soak": served["soak"],
                 "targets": found,
+                "cpu_ms_per_image": cpu,
                 "plot": str(png.relative_to(ROOT) if png.is_relative_to(ROOT) else png),
             },
             indent=2,
