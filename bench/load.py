@@ -4,6 +4,8 @@
     .venv/bin/python -m bench.export_tiny && \\
     .venv/bin/python -m bench.load --repo build/bench_repo --model vit-ti16
     .venv/bin/python -m bench.load --soak-minutes 10                # and a soak at saturation
+    .venv/bin/python -m bench.load --service-env VIT_SERVE_RUNTIME_INSTANCES=2 \
+        VIT_SERVE_INTRA_OP_THREADS=1 --out bench/results/load_demo-shapes_per_core.json
 
 In one process and one run, side by side:
 - raw: `session.run` of the same graph in this process at batch sizes 1..64 on the native grid
@@ -534,6 +536,7 @@ async def bench_servers(a: argparse.Namespace, images: list[bytes]) -> dict[str,
     levels = list(a.concurrency)
     port = free_port()
     cmd, env = service_command(a.repo, a.model, port)
+    env.update(setting.split("=", 1) for setting in a.service_env)
     with running(cmd, env) as process:
         await wait_ready(port, process, 120)
         out["service"] = await run_levels(
@@ -618,6 +621,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-seconds", type=float, default=20.0, help="per level")
     p.add_argument("--raw-seconds", type=float, default=3.0, help="per batch size")
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument(
+        "--service-env",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="settings for the service, e.g. VIT_SERVE_RUNTIME_INSTANCES=2 "
+        "VIT_SERVE_INTRA_OP_THREADS=1 (one single-threaded session per core)",
+    )
     p.add_argument("--soak-minutes", type=float, default=0.0, help="0: no soak")
     p.add_argument("--out", type=Path, help="default: bench/results/load_<model>.json")
     a = p.parse_args(argv)
@@ -660,6 +671,7 @@ def main(argv: list[str] | None = None) -> None:
                 "service": [asdict(r) for r in served["service"]],
                 "naive": [asdict(r) for r in served["naive"]],
                 "soak": served["soak"],
+                "service_env": a.service_env,
                 "targets": found,
                 "cpu_ms_per_image": cpu,
                 "plot": str(png.relative_to(ROOT) if png.is_relative_to(ROOT) else png),
