@@ -232,9 +232,7 @@ class Classifier:
     @property
     def busy(self) -> bool:
         """Every request place is taken: a new request would be refused (see `admission`)."""
-        settings = self.settings
-        places = settings.max_queue_images + settings.max_batch_size * settings.runtime_instances
-        return self._admitted >= places
+        return self._admitted >= self.settings.request_places()
 
     @contextlib.contextmanager
     def admission(self) -> Iterator[None]:

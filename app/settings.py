@@ -174,6 +174,12 @@ class Settings(BaseSettings):
         "environment, '*' for any); empty: CORS off",
     )
 
+    def request_places(self) -> int:
+        """Requests a replica holds at once (`Classifier.admission`): as many images as can wait
+        in the queue plus one batch per runtime instance. A load balancer in front should hold
+        each replica to this many connections (deploy/nginx/nginx.conf's max_conns)."""
+        return self.max_queue_images + self.max_batch_size * self.runtime_instances
+
     def batch_tokens(self, gpu: bool) -> int:
         """The token budget of one batch: the setting, or the default for the device."""
         if self.max_batch_tokens is not None:

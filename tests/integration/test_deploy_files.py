@@ -222,3 +222,16 @@ def test_the_autoscaler_scales_on_a_metric_the_service_exports() -> None:
     assert hpa["spec"]["scaleTargetRef"]["name"] == k8s_kind("Deployment")["metadata"]["name"]
     (metric,) = hpa["spec"]["metrics"]
     assert metric["pods"]["metric"]["name"] in exported_series()
+
+
+def test_nginx_holds_each_replica_to_its_request_places() -> None:
+    # Fewer connections than places would leave queue room unused; more would let nginx send
+    # requests the replica refuses (503 busy) while another replica has room.
+    (max_conns,) = re.findall(r"max_conns=(\d+)", (DEPLOY / "nginx" / "nginx.conf").read_text())
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    fields = set(Settings.model_fields)
+    for name in ("vit-serve", "vit-serve-cpu"):
+        env = services[name]["environment"]
+        named = {k.removeprefix("VIT_SERVE_").lower(): v for k, v in env.items()}
+        settings = Settings(**{k: v for k, v in named.items() if k in fields})
+        assert int(max_conns) == settings.request_places(), name
