@@ -17,7 +17,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from app.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec
+from bench.machine import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT.parent / "shared" / "testdata" / "photos"
@@ -220,11 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                 "version": version,
                 "grid": list(spec.architecture.grid),
                 "images": source,
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "processor": platform.processor(),
-                    "onnxruntime": ort.__version__,
-                },
+                "machine": machine_info(),
                 "raw": [asdict(r) for r in raw],
                 "service": [asdict(s) for s in served],
             },

@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -46,8 +45,6 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import onnxruntime as ort
 
 from bench.load import (
     ROOT,
@@ -61,6 +58,7 @@ from bench.load import (
     service_command,
     wait_ready,
 )
+from bench.machine import machine_info
 from bench.openloop import OpenLoopResult, open_loop
 
 ODD_IMAGES = ROOT.parent / "shared" / "testdata" / "odd-images"
@@ -714,12 +712,7 @@ def main(argv: list[str] | None = None) -> None:
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "model": a.model,
                 "images": source,
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "processor": platform.processor(),
-                    "python": platform.python_version(),
-                    "onnxruntime": ort.__version__,
-                },
+                "machine": machine_info(),
                 "config": {k: (shown(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                 "seconds": round(time.perf_counter() - started, 1),
                 **out,

@@ -31,7 +31,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import re
 import socket
 import statistics
@@ -48,6 +47,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from app.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec
+from bench.machine import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT.parent / "shared" / "testdata" / "photos"
@@ -660,11 +660,7 @@ def main(argv: list[str] | None = None) -> None:
                 "version": version,
                 "grid": list(spec.architecture.grid),
                 "images": source,
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "processor": platform.processor(),
-                    "onnxruntime": ort.__version__,
-                },
+                "machine": machine_info(),
                 "raw": [asdict(r) for r in raw],
                 "raw_limit": asdict(best),
                 "raw_single_image_ms": min(r.ms_per_batch_p50 for r in raw if r.batch == 1),

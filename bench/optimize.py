@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -37,6 +36,7 @@ from torch import nn
 from app.runtime import CPU, open_session
 from app.spec import OptimizationLevel
 from bench.export_tiny import vit_ti16
+from bench.machine import machine_info
 from export.checkpoints import load_checkpoint
 from export.onnx_export import check_parity, export_graph, parity_grids, stage_graph
 from export.optimize import fuse, fused_model
@@ -240,9 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         json.dumps(
             {
                 "machine": {
-                    "cpus": os.cpu_count(),
-                    "processor": platform.processor() or platform.machine(),
-                    "onnxruntime": ort.__version__,
+                    **machine_info(),
                     "provider": CPU,
                     "load_average_before": load_before,
                     "load_average_after": load_after,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict
@@ -27,6 +26,7 @@ from PIL import Image
 
 from app.imaging import prepare
 from app.spec import SPEC_FILENAME, ModelSpec
+from bench.machine import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT.parent / "shared" / "testdata" / "photos"
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                 "input_size": list(spec.architecture.input_size),
                 "photo": photo_name,
                 "threads": 1,
-                "cpus": os.cpu_count(),
+                "machine": machine_info(),
                 "cases": results,
             },
             indent=2,

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ import onnxruntime as ort
 from app.runtime import candidate_providers, open_session
 from app.spec import GRAPH_FILENAME, ROLLOUT_GRAPH_FILENAME, SPEC_FILENAME, GraphFiles, ModelSpec
 from bench.core import _wait_ready, free_port, load_images
+from bench.machine import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 1.25  # the budget: rollout <= 25% over plain
@@ -328,11 +328,7 @@ def main(argv: list[str] | None = None) -> None:
                 "provider": provider,
                 "images": source,
                 "target_rollout_vs_plain": TARGET_RATIO,
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "processor": platform.processor(),
-                    "onnxruntime": ort.__version__,
-                },
+                "machine": machine_info(),
                 "raw": [asdict(r) for r in raw],
                 "service": [asdict(s) for s in served],
                 "service_ratios": [asdict(c) for c in compared],
