@@ -49,6 +49,7 @@ from typing import Any
 from bench.load import (
     ROOT,
     Connection,
+    Server,
     free_port,
     get,
     load_images,
@@ -483,16 +484,15 @@ async def odd_and_capacity(
     if process.poll() is not None:
         return 0.0
     print(f"capacity: closed loop at concurrency {a.capacity_concurrency} ...")
-    (capacity,) = await run_levels(
-        "service",
-        port,
+    levels = await run_levels(
+        [Server("service", port, process.pid, path, batch_histogram=True)],
         images,
         concurrencies=[a.capacity_concurrency],
         requests=10**6,
         max_seconds=a.capacity_seconds,
-        path=path,
-        with_histogram=True,
+        rounds=1,
     )
+    (capacity,) = levels["service"]
     out["capacity"] = asdict(capacity)
     rate: float = a.overload_factor * capacity.img_per_s
     out["overload_rate"] = round(rate, 1)

@@ -14,7 +14,9 @@ In one process and one run, side by side:
 - naive: `bench.naive_server` (the same graph and preprocessing, `session.run` per request);
 each at concurrency 1, 4, 16 and 64, bounded in requests and seconds per level, fed the real
 photos in ../shared/testdata/photos (generated JPEGs when that folder is absent), one image per
-request with the raw body. The client is a minimal HTTP/1.1 keep-alive client on asyncio
+request with the raw body. Both servers run at once and each level alternates between them in
+`--rounds` rounds (default 4); every figure is the median over the rounds, so a noisy minute on
+a shared machine falls on both. The client is a minimal HTTP/1.1 keep-alive client on asyncio
 streams: on a 2-core machine the client shares the CPU with the server, so it must cost little.
 The service's batch-size distribution is read from its /metrics histogram.
 
@@ -30,6 +32,7 @@ import asyncio
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import socket
@@ -227,6 +230,35 @@ class LoadResult:
     server_cpu_ms_per_image: float | None = None
     event_loop_cpu_ms_per_image: float | None = None
     client_cpu_ms_per_image: float | None = None
+    rounds: int = 1  # figures are the median over this many rounds (counts: their sum)
+
+
+def median_of(rounds: list[LoadResult]) -> LoadResult:
+    """One level's rounds as one result: counts and seconds summed, every figure the median over
+    the rounds (a shared machine's noise moves whole rounds, not single requests)."""
+
+    def median(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
+    first = rounds[0]
+    return LoadResult(
+        server=first.server,
+        concurrency=first.concurrency,
+        requests=sum(r.requests for r in rounds),
+        ok=sum(r.ok for r in rounds),
+        errors=sum(r.errors for r in rounds),
+        lost=sum(r.lost for r in rounds),
+        seconds=round(sum(r.seconds for r in rounds), 2),
+        img_per_s=statistics.median(r.img_per_s for r in rounds),
+        latency_ms_p50=statistics.median(r.latency_ms_p50 for r in rounds),
+        latency_ms_p95=statistics.median(r.latency_ms_p95 for r in rounds),
+        latency_ms_p99=statistics.median(r.latency_ms_p99 for r in rounds),
+        server_cpu_ms_per_image=median([r.server_cpu_ms_per_image for r in rounds]),
+        event_loop_cpu_ms_per_image=median([r.event_loop_cpu_ms_per_image for r in rounds]),
+        client_cpu_ms_per_image=median([r.client_cpu_ms_per_image for r in rounds]),
+        rounds=len(rounds),
+    )
 
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -407,29 +439,57 @@ def histogram_delta(
     return ranges, (images / batches if batches else None)
 
 
+@dataclass(frozen=True)
+class Server:
+    """A server under load: where to send, what to read back."""
+
+    name: str
+    port: int
+    pid: int
+    path: str
+    batch_histogram: bool  # the service's /metrics has one; the naive server has none
+
+
 async def run_levels(
-    name: str,
-    port: int,
+    servers: list[Server],
     images: list[bytes],
     concurrencies: list[int],
     requests: int,
     max_seconds: float,
-    path: str,
-    with_histogram: bool,
-    pid: int | None = None,
-) -> list[LoadResult]:
-    results = []
+    rounds: int,
+) -> dict[str, list[LoadResult]]:
+    """Each level on every server, in `rounds` rounds that alternate the servers' order, so that
+    a noisy minute on a shared machine falls on both; each figure is the median over rounds."""
+    results: dict[str, list[LoadResult]] = {s.name: [] for s in servers}
+    per_round_requests = max(1, math.ceil(requests / rounds))
     for c in concurrencies:
-        # Warm-up at this concurrency: connections, thread pools, ORT's arena per batch size.
-        await load(port, path, images, c, max(2 * c, 20), 10, name)
-        before = await batch_histogram(port) if with_histogram else {}
-        result = await load(port, path, images, c, requests, max_seconds, name, pid)
-        if with_histogram:
-            result.batch_sizes, result.mean_batch_size = histogram_delta(
-                before, await batch_histogram(port)
-            )
-        print(format_load(result))
-        results.append(result)
+        for s in servers:
+            # Warm-up at this concurrency: connections, thread pools, ORT's arena per batch size.
+            await load(s.port, s.path, images, c, max(2 * c, 20), 10, s.name)
+        before = {s.name: await batch_histogram(s.port) for s in servers if s.batch_histogram}
+        done: dict[str, list[LoadResult]] = {s.name: [] for s in servers}
+        for r in range(rounds):
+            for s in servers if r % 2 == 0 else servers[::-1]:
+                done[s.name].append(
+                    await load(
+                        s.port,
+                        s.path,
+                        images,
+                        c,
+                        per_round_requests,
+                        max_seconds / rounds,
+                        s.name,
+                        s.pid,
+                    )
+                )
+        for s in servers:
+            result = median_of(done[s.name])
+            if s.batch_histogram:
+                result.batch_sizes, result.mean_batch_size = histogram_delta(
+                    before[s.name], await batch_histogram(s.port)
+                )
+            print(format_load(result))
+            results[s.name].append(result)
     return results
 
 
@@ -531,34 +591,30 @@ def plot(path: Path, model: str, results: list[LoadResult], raw_limit: float) ->
 
 
 async def bench_servers(a: argparse.Namespace, images: list[bytes]) -> dict[str, Any]:
+    """Both servers run at once (the idle one costs nothing), each level alternating between
+    them; then, with `--soak-minutes`, the service alone at the highest concurrency."""
     out: dict[str, Any] = {"service": [], "naive": [], "soak": None}
-    path = f"/classify?model={a.model}&top_k=5"
-    levels = list(a.concurrency)
-    port = free_port()
-    cmd, env = service_command(a.repo, a.model, port)
-    env.update(setting.split("=", 1) for setting in a.service_env)
-    with running(cmd, env) as process:
-        await wait_ready(port, process, 120)
-        out["service"] = await run_levels(
-            "service", port, images, levels, a.requests, a.max_seconds, path, True, process.pid
+    commands = {"service": service_command(a.repo, a.model, free_port())}
+    commands["service"][1].update(setting.split("=", 1) for setting in a.service_env)
+    if not a.skip_naive:
+        commands["naive"] = naive_command(a.repo, a.model, free_port())
+    paths = {"service": f"/classify?model={a.model}&top_k=5", "naive": "/classify"}
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for name, (cmd, env) in commands.items():
+            port = int(env["VIT_SERVE_PORT"]) if name == "service" else int(cmd[-1])
+            process = stack.enter_context(running(cmd, env))
+            await wait_ready(port, process, 120)
+            servers.append(Server(name, port, process.pid, paths[name], name == "service"))
+        out.update(
+            await run_levels(
+                servers, images, list(a.concurrency), a.requests, a.max_seconds, a.rounds
+            )
         )
         if a.soak_minutes > 0:
-            out["soak"] = await soak(port, process.pid, images, path, a.soak_minutes, max(levels))
-    if not a.skip_naive:
-        port = free_port()
-        cmd, env = naive_command(a.repo, a.model, port)
-        with running(cmd, env) as process:
-            await wait_ready(port, process, 120)
-            out["naive"] = await run_levels(
-                "naive",
-                port,
-                images,
-                levels,
-                a.requests,
-                a.max_seconds,
-                "/classify",
-                False,
-                process.pid,
+            service = servers[0]
+            out["soak"] = await soak(
+                service.port, service.pid, images, service.path, a.soak_minutes, max(a.concurrency)
             )
     return out
 
@@ -618,7 +674,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="demo-shapes")
     p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     p.add_argument("--requests", type=int, default=2000, help="per level (bounded by time too)")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="per level")
+    p.add_argument("--max-seconds", type=float, default=20.0, help="per level and server")
+    p.add_argument(
+        "--rounds", type=int, default=4, help="per level: alternating rounds, medians reported"
+    )
     p.add_argument("--raw-seconds", type=float, default=3.0, help="per batch size")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument(
