@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -22,6 +23,7 @@ from app.repository import ModelVersion
 from app.rollout import RolloutParams
 from app.runtime import (
     Backend,
+    ExecutionPlan,
     OnnxBackend,
     OnnxRolloutBackend,
     RolloutBackend,
@@ -30,6 +32,8 @@ from app.runtime import (
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 BackendFactory = Callable[[ModelVersion], Backend]
 # None: the version has no rollout graph, and rollout requests for it get a 400.
@@ -65,6 +69,16 @@ class FailureGuard:
                 f"(last: {type(exc).__name__}: {exc}); reload the model to retry it",
             )
 
+    def watch(self, run: Callable[[], T]) -> T:
+        """`run()`, counted: a failure towards the threshold, a success resets the count."""
+        try:
+            result = run()
+        except Exception as exc:
+            self.failed(exc)
+            raise
+        self.succeeded()
+        return result
+
 
 class GuardedBackend:
     def __init__(self, inner: Backend, guard: FailureGuard) -> None:
@@ -76,13 +90,7 @@ class GuardedBackend:
         return self.inner.provider
 
     def run(self, patches: NDArray[np.uint8]) -> NDArray[np.float32]:
-        try:
-            logits = self.inner.run(patches)
-        except Exception as exc:
-            self.guard.failed(exc)
-            raise
-        self.guard.succeeded()
-        return logits
+        return self.guard.watch(lambda: self.inner.run(patches))
 
 
 class GuardedRolloutBackend:
@@ -97,13 +105,7 @@ class GuardedRolloutBackend:
     def run(
         self, patches: NDArray[np.uint8], params: RolloutParams
     ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        try:
-            outputs = self.inner.run(patches, params)
-        except Exception as exc:
-            self.guard.failed(exc)
-            raise
-        self.guard.succeeded()
-        return outputs
+        return self.guard.watch(lambda: self.inner.run(patches, params))
 
 
 @dataclass(frozen=True)
@@ -136,22 +138,29 @@ def make_sessions(
     return Sessions(version, lanes, guarded)
 
 
+def open_backend(settings: Settings, version: ModelVersion) -> tuple[OnnxBackend, ExecutionPlan]:
+    """A version's plain graph in a session on the providers and options of its
+    `execution_plan`, not yet warmed up; with the plan, for what it says of the choice."""
+    plan = execution_plan(settings, version, rollout=False)
+    backend = OnnxBackend(
+        version.graph_path,
+        version.spec,
+        plan.providers,
+        settings.intra_op_threads,
+        settings.intra_op_spinning,
+        options=plan.options,
+        profile=plan.profile,
+    )
+    return backend, plan
+
+
 def onnx_backends(settings: Settings) -> BackendFactory:
     """The production factory: an ONNX Runtime session per model version, on the providers and
     options of its `execution_plan`, warmed up (on TensorRT: the engine is built, or loaded
     from the cache, here, not on a request)."""
 
     def load(version: ModelVersion) -> Backend:
-        plan = execution_plan(settings, version, rollout=False)
-        backend = OnnxBackend(
-            version.graph_path,
-            version.spec,
-            plan.providers,
-            settings.intra_op_threads,
-            settings.intra_op_spinning,
-            options=plan.options,
-            profile=plan.profile,
-        )
+        backend, plan = open_backend(settings, version)
         if settings.warmup:
             backend.warm_up()
         log.info(

@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.gpu --repo build/bench_repo --model vit-b16
     .venv/bin/python -m bench.gpu                                          # the demo model
 
-Each provider's session is made as the service makes it (`app.runtime.execution_plan`:
+Each provider's session is made as the service makes it (`app.sessions.open_backend`:
 TensorRT with one explicit profile covering every batch measured, engine and timing caches
 under build/trt_cache; CUDA with its options), then img/s is measured at batch 1, 2, 4 ... 256
 on the native grid: each batch size is run twice untimed, then as often as fits in
@@ -32,7 +32,8 @@ import onnxruntime as ort
 from app import runtime
 from app.providers import CUDA, TENSORRT
 from app.repository import ModelVersion, scan_repository
-from app.runtime import OnnxBackend, execution_plan
+from app.runtime import OnnxBackend
+from app.sessions import open_backend
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,15 +70,8 @@ def backend(
         trt_fp16=fp16,
         trt_cache_dir=cache,
     )
-    plan = execution_plan(settings, version, rollout=False)
     start = time.perf_counter()
-    made = OnnxBackend(
-        version.graph_path,
-        version.spec,
-        plan.providers,
-        options=plan.options,
-        profile=plan.profile,
-    )
+    made, _ = open_backend(settings, version)
     made.warm_up()  # TensorRT builds (or loads) its engine on the first run
     return made, time.perf_counter() - start
 

@@ -28,6 +28,7 @@ from app.providers import (
 from app.repository import ModelVersion, scan_repository
 from app.rollout import RolloutParams
 from app.runtime import OnnxBackend, OnnxRolloutBackend, execution_plan
+from app.sessions import open_backend
 from app.settings import Settings
 from app.spec import Architecture, ModelSpec
 
@@ -261,14 +262,7 @@ def test_the_demo_model_on_the_gpu_matches_the_cpu(provider: str, tmp_path: Path
         pytest.skip("TensorRT's libraries (libnvinfer) are not installed")
     version = demo_version()
     settings = Settings(model_repo=DEMO_REPO, trt_cache_dir=tmp_path, providers=[provider])
-    plan = execution_plan(settings, version, rollout=False)
-    gpu = OnnxBackend(
-        version.graph_path,
-        version.spec,
-        plan.providers,
-        options=plan.options,
-        profile=plan.profile,
-    )
+    gpu, _ = open_backend(settings, version)
     assert (gpu.provider, gpu.io_binding) == (provider, True)
     cpu = OnnxBackend(version.graph_path, version.spec, [CPU])
     # In TensorRT's profile, at its edges, and outside it (a 1 x 45 grid runs on CUDA).
