@@ -318,8 +318,10 @@ async def load(
     cpu1 = (cpu_seconds(pid), cpu_seconds(pid, pid)) if pid is not None else (0.0, 0.0)
     answered = len(latencies) - errors
 
-    def per_image(seconds: float, measured: bool = pid is not None) -> float | None:
-        return round(seconds * 1e3 / answered, 3) if measured and answered else None
+    def per_image(seconds: float) -> float | None:
+        return round(seconds * 1e3 / answered, 3) if answered else None
+
+    server_cpu = (per_image(cpu1[0] - cpu0[0]), per_image(cpu1[1] - cpu0[1]))
 
     lat = np.array(latencies or [float("nan")]) * 1e3
     return LoadResult(
@@ -334,9 +336,9 @@ async def load(
         latency_ms_p50=float(np.percentile(lat, 50)),
         latency_ms_p95=float(np.percentile(lat, 95)),
         latency_ms_p99=float(np.percentile(lat, 99)),
-        server_cpu_ms_per_image=per_image(cpu1[0] - cpu0[0]),
-        event_loop_cpu_ms_per_image=per_image(cpu1[1] - cpu0[1]),
-        client_cpu_ms_per_image=per_image(client, measured=True),
+        server_cpu_ms_per_image=server_cpu[0] if pid is not None else None,
+        event_loop_cpu_ms_per_image=server_cpu[1] if pid is not None else None,
+        client_cpu_ms_per_image=per_image(client),
     )
 
 
@@ -594,15 +596,16 @@ async def bench_servers(a: argparse.Namespace, images: list[bytes]) -> dict[str,
     """Both servers run at once (the idle one costs nothing), each level alternating between
     them; then, with `--soak-minutes`, the service alone at the highest concurrency."""
     out: dict[str, Any] = {"service": [], "naive": [], "soak": None}
-    commands = {"service": service_command(a.repo, a.model, free_port())}
+    ports = {"service": free_port(), "naive": free_port()}
+    commands = {"service": service_command(a.repo, a.model, ports["service"])}
     commands["service"][1].update(setting.split("=", 1) for setting in a.service_env)
     if not a.skip_naive:
-        commands["naive"] = naive_command(a.repo, a.model, free_port())
+        commands["naive"] = naive_command(a.repo, a.model, ports["naive"])
     paths = {"service": f"/classify?model={a.model}&top_k=5", "naive": "/classify"}
     with contextlib.ExitStack() as stack:
         servers = []
         for name, (cmd, env) in commands.items():
-            port = int(env["VIT_SERVE_PORT"]) if name == "service" else int(cmd[-1])
+            port = ports[name]
             process = stack.enter_context(running(cmd, env))
             await wait_ready(port, process, 120)
             servers.append(Server(name, port, process.pid, paths[name], name == "service"))
