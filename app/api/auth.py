@@ -1,9 +1,11 @@
-"""Access control: FastAPI dependencies that check a request's key before the route runs.
+"""Access control: the checks of a request's key.
 
-`ApiKeyDep` guards the inference route when `VIT_SERVE_API_KEY` is set (open otherwise);
+`check_api_key` guards the inference route when `VIT_SERVE_API_KEY` is set (open otherwise);
+POST /classify calls it itself (see app/api/params.py for why it declares no dependencies).
 `AdminKeyDep` guards admin endpoints, which are off (403) until `VIT_SERVE_ADMIN_API_KEY` is set.
-A key is sent as `Authorization: Bearer <key>` or `X-API-Key: <key>`. Both read the settings from
-`app.state.settings` (set by `create_app`): the checks do not wait for the models to load.
+A key is sent as `Authorization: Bearer <key>` or `X-API-Key: <key>`, read by `presented_keys`
+for both. Both read the settings from `app.state.settings` (set by `create_app`): the checks do
+not wait for the models to load.
 """
 
 from __future__ import annotations
@@ -47,15 +49,12 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-def _presented(bearer: HTTPAuthorizationCredentials | None, header: str | None) -> list[str]:
-    # Either header may carry the key: a proxy in front can own Authorization for its own scheme
-    # (which HTTPBearer then ignores), leaving X-API-Key to this service.
-    return [k for k in (bearer.credentials if bearer else None, header) if k]
-
-
 def presented_keys(request: Request) -> list[str]:
     """The keys a request carries, read as `_bearer` and `_header` read them, without
-    FastAPI's dependency machinery (about 0.15 ms a request for the two)."""
+    FastAPI's dependency machinery (about 0.15 ms a request for the two).
+
+    Either header may carry the key: a proxy in front can own Authorization for its own scheme
+    (which is then not a bearer token), leaving X-API-Key to this service."""
     authorization = request.headers.get("authorization")
     scheme, credentials = get_authorization_scheme_param(authorization)
     bearer = credentials if scheme.lower() == "bearer" and credentials else None
@@ -86,12 +85,15 @@ def check_api_key(request: Request) -> None:
         )
 
 
-async def require_admin_key(request: Request, bearer: BearerDep, header: HeaderKeyDep) -> None:
-    """The admin key; admin endpoints are refused outright on a server without one."""
+async def require_admin_key(request: Request, _bearer: BearerDep, _header: HeaderKeyDep) -> None:
+    """The admin key; admin endpoints are refused outright on a server without one.
+
+    `_bearer` and `_header` declare the two schemes in the OpenAPI document; the key is read by
+    `presented_keys`, the one reader of both headers."""
     key = _settings(request).admin_api_key
     if key is None:
         raise AdminDisabledError(ADMIN_DISABLED)
-    presented = _presented(bearer, header)
+    presented = presented_keys(request)
     if not presented:
         raise MissingKeyError(f"admin endpoints need the admin API key: send it as {FORMS}")
     if not _matches(presented, key):
