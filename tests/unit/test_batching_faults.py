@@ -26,7 +26,9 @@ pytestmark = pytest.mark.anyio
 
 
 class FaultyBackend:
-    """Fails every 4th batch, is slow on the next, answers the rest with each image's id."""
+    """Slow on every 4th batch from the first, fails on the next, answers the rest with each
+    image's id. Slow first: with every instance busy at once at the start, the first requests'
+    short deadlines pass while they are queued, however many instances there are."""
 
     provider = "fake"
 
@@ -40,9 +42,9 @@ class FaultyBackend:
             fate = self.batches % 4
             self.batches += 1
         if fate == 0:
-            raise RuntimeError("session exploded")
-        if fate == 1:
             time.sleep(0.02)  # slow: later requests pile up and some reach their deadlines
+        if fate == 1:
+            raise RuntimeError("session exploded")
         return np.stack([ids, np.zeros_like(ids)], axis=1)  # (B, 2)
 
 
