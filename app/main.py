@@ -9,18 +9,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api.admin import router as admin_router
-from app.api.cors import install_cors
-from app.api.errors import install_error_handlers
-from app.api.page import install_page
-from app.api.routes import router
-from app.classifier import Classifier
-from app.imaging import configure_pillow
-from app.logs import configure_logging
-from app.metrics import Metrics
-from app.middleware import Lifecycle, RequestMiddleware, install_metrics
-from app.sessions import BackendFactory, RolloutBackendFactory
-from app.settings import Settings
+from app.core.logs import configure_logging
+from app.core.settings import Settings
+from app.http.admin import router as admin_router
+from app.http.cors import install_cors
+from app.http.errors import install_error_handlers
+from app.http.metrics import Metrics
+from app.http.middleware import Lifecycle, RequestMiddleware, install_metrics
+from app.http.page import install_page
+from app.http.routes import router
+from app.models.sessions import BackendFactory, RolloutBackendFactory
+from app.models.table import ModelTable
+from app.pipeline.imaging import configure_pillow
+from app.pipeline.service import ClassifyService
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +48,27 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Loading hashes graphs and builds sessions: keep the event loop free meanwhile. A
         # repository that cannot be served raises here, and the server does not start.
-        classifier = await asyncio.to_thread(
-            Classifier.load, settings, backend_factory, rollout_factory
+        models = await asyncio.to_thread(
+            ModelTable.load, settings, backend_factory, rollout_factory
         )
+        service = ClassifyService(settings, models)
         previous_limit = configure_pillow(settings.image_max_pixels)
-        classifier.start()
-        app.state.classifier = classifier
-        metrics.attach(classifier, lambda: lifecycle.draining)
+        # The observers: the domain reports to these hooks and never imports Prometheus.
+        metrics.watch(service, lambda: lifecycle.draining)
+        models.on_change = lambda: metrics.show_models(models)
+        service.batcher.observer = metrics
+        service.start()
+        app.state.service = service
         log.info(
             "started: %d model(s) serving, %d not ready, in %s",
-            len(classifier.repository.models),
-            len(classifier.repository.unavailable),
+            len(models.repository.models),
+            len(models.repository.unavailable),
             settings.model_repo,
         )
         try:
             yield
         finally:
-            await classifier.stop()
+            await service.stop()
             configure_pillow(previous_limit)
             log.info("stopped")
 
@@ -76,7 +81,7 @@ def create_app(
     app.include_router(router)
     app.include_router(admin_router)
     install_page(app)
-    app.state.settings = settings  # the access checks read it (app/api/auth.py)
+    app.state.settings = settings  # the access checks read it (app/http/auth.py)
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
     app.add_middleware(RequestMiddleware, owner=app, metrics=metrics, lifecycle=lifecycle)

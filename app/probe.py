@@ -9,7 +9,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from app.settings import Settings
+from app.core.settings import Settings
 
 
 def probe(path: str = "/readyz", timeout_s: float = 2.0) -> bool:

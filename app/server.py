@@ -24,9 +24,9 @@ from typing import Any
 
 import uvicorn
 
+from app.core.settings import Settings
+from app.http.middleware import Lifecycle
 from app.main import create_app
-from app.middleware import Lifecycle
-from app.settings import Settings
 
 # Not __name__: run as `python -m app.server` that is "__main__", outside the "app" loggers.
 log = logging.getLogger("app.server")
@@ -62,7 +62,9 @@ class DrainingServer(uvicorn.Server):
 
 def log_config(settings: Settings) -> dict[str, Any]:
     """uvicorn's own loggers in the service's format; its access log is replaced by ours."""
-    formatter = f"app.logs.{'JsonFormatter' if settings.log_format == 'json' else 'TextFormatter'}"
+    formatter = (
+        f"app.core.logs.{'JsonFormatter' if settings.log_format == 'json' else 'TextFormatter'}"
+    )
     return {
         "version": 1,
         "disable_existing_loggers": False,

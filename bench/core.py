@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from app.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec
+from app.models.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec
 from bench.machine import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent

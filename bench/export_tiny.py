@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from app.spec import SPEC_FILENAME, OptimizationLevel, Preprocess, Source
+from app.models.spec import SPEC_FILENAME, OptimizationLevel, Preprocess, Source
 from export.onnx_export import export_to_repository
 from export.vit import VisionTransformer, ViTConfig
 

@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of the decode path (`app.imaging.prepare`) with atheris; not in CI.
+"""Coverage-guided fuzzing of the decode path (`prepare` of app.pipeline.imaging); not in CI.
 
     .venv/bin/python -m pip install -e ".[fuzz]"
     .venv/bin/python -m bench.fuzz_atheris -atheris_runs=200000 build/fuzz_corpus
@@ -6,10 +6,10 @@
 
 Arguments are libFuzzer's; the corpus folder (default build/fuzz_corpus) is seeded with small
 images in every supported format when empty, and grows with inputs that reach new code.
-atheris instruments the Python code of app.imaging and Pillow's plugins (their C decoders run
-uninstrumented). `prepare` may return patches or raise imaging's typed errors; any other
-exception stops the run with the input that caused it saved as build/fuzz_crashes/crash-<sha1>
-(libFuzzer's -artifact_prefix= changes where).
+atheris instruments the Python code of app.pipeline.imaging and Pillow's plugins (their C
+decoders run uninstrumented). `prepare` may return patches or raise imaging's typed errors;
+any other exception stops the run with the input that caused it saved as
+build/fuzz_crashes/crash-<sha1> (libFuzzer's -artifact_prefix= changes where).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import numpy as np
 with atheris.instrument_imports():
     from PIL import Image
 
-    from app.imaging import ImageError, ResizePolicy, configure_pillow, prepare
-    from app.spec import Architecture, ModelSpec, Preprocess, Source, contract_tensors
+    from app.models.spec import Architecture, ModelSpec, Preprocess, Source, contract_tensors
+    from app.pipeline.imaging import ImageError, ResizePolicy, configure_pillow, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = ROOT / "build" / "fuzz_corpus"

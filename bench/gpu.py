@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.gpu --repo build/bench_repo --model vit-b16
     .venv/bin/python -m bench.gpu                                          # the demo model
 
-Each provider's session is made as the service makes it (`app.sessions.open_backend`:
+Each provider's session is made as the service makes it (`app.models.sessions.open_backend`:
 TensorRT with one explicit profile covering every batch measured, engine and timing caches
 under build/trt_cache; CUDA with its options), then img/s is measured at batch 1, 2, 4 ... 256
 on the native grid: each batch size is run twice untimed, then as often as fits in
@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from app import runtime
-from app.providers import CUDA, TENSORRT
-from app.repository import ModelVersion, scan_repository
-from app.runtime import OnnxBackend
-from app.sessions import open_backend
-from app.settings import Settings
+from app.core.settings import Settings
+from app.models import runtime
+from app.models.providers import CUDA, TENSORRT
+from app.models.repository import ModelVersion, scan_repository
+from app.models.runtime import OnnxBackend
+from app.models.sessions import open_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = [2**i for i in range(9)]  # 1 .. 256

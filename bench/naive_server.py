@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.naive_server --repo model_repo --model demo-shapes --port 8001
 
-The same decode/resize/patchify code as the service (`app.imaging.prepare`) and the same
+The same decode/resize/patchify code as the service (`app.pipeline.imaging.prepare`) and the same
 session options, but no batcher: each request is preprocessed and run in FastAPI's thread pool
 (what a plain `def` endpoint does), calling `session.run` on a batch of one. Loopback only.
 """
@@ -20,9 +20,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 
-from app.imaging import prepare
-from app.postprocess import classify
-from app.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec
+from app.models.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec
+from app.pipeline.imaging import prepare
+from app.pipeline.postprocess import predictions
 
 
 def create_app(repo: Path, model: str, intra_op_threads: int = 0) -> FastAPI:
@@ -45,8 +45,8 @@ def create_app(repo: Path, model: str, intra_op_threads: int = 0) -> FastAPI:
             fit_max_tokens=fit_max_tokens,
         )
         (logits,) = session.run([output], {spec.input_name: image.patches[np.newaxis]})
-        predictions = classify(np.asarray(logits[0], dtype=np.float32), 5, spec.labels)
-        answer = [dataclasses.asdict(p) for p in predictions]
+        top = predictions(np.asarray(logits[0], dtype=np.float32), 5, spec.labels)
+        answer = [dataclasses.asdict(p) for p in top]
         return {"model": model, "results": [{"predictions": answer}]}
 
     @app.post("/classify")

@@ -33,8 +33,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from app.runtime import CPU, open_session
-from app.spec import OptimizationLevel
+from app.models.runtime import CPU, open_session
+from app.models.spec import OptimizationLevel
 from bench.export_tiny import vit_ti16
 from bench.machine import machine_info
 from export.checkpoints import load_checkpoint

@@ -5,8 +5,8 @@
 
 Two JPEGs: a typical 500x375 photo from ../shared/testdata/photos (a generated one when the
 folder is absent) and a 12-megapixel JPEG made from it (upscaled to 4000x3000, quality 90).
-Each goes through `app.imaging.prepare` (the service's code, `crop` policy) with JPEG draft mode
-on (the service's default) and off; median ms overall and per stage. Written to
+Each goes through `app.pipeline.imaging.prepare` (the service's code, `crop` policy) with JPEG
+draft mode on (the service's default) and off; median ms overall and per stage. Written to
 bench/results/preprocess_<model>.json. Nothing here asserts on time.
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.imaging import prepare
-from app.spec import SPEC_FILENAME, ModelSpec
+from app.models.spec import SPEC_FILENAME, ModelSpec
+from app.pipeline.imaging import prepare
 from bench.machine import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent

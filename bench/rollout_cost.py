@@ -37,8 +37,14 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 
-from app.runtime import candidate_providers, open_session
-from app.spec import GRAPH_FILENAME, ROLLOUT_GRAPH_FILENAME, SPEC_FILENAME, GraphFiles, ModelSpec
+from app.models.runtime import candidate_providers, open_session
+from app.models.spec import (
+    GRAPH_FILENAME,
+    ROLLOUT_GRAPH_FILENAME,
+    SPEC_FILENAME,
+    GraphFiles,
+    ModelSpec,
+)
 from bench.core import _wait_ready, free_port, load_images
 from bench.machine import machine_info
 

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from app.spec import MODEL_NAME_PATTERN, OptimizationLevel, Source
+from app.models.spec import MODEL_NAME_PATTERN, OptimizationLevel, Source
 from export.checkpoints import (
     LoadedViT,
     UnsupportedCheckpointError,

@@ -33,7 +33,7 @@ from typing import Any, cast, get_args
 import torch
 from torch import Tensor
 
-from app.spec import Interpolation, Preprocess
+from app.models.spec import Interpolation, Preprocess
 from export.vit import VisionTransformer, ViTConfig, patchify
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from app.spec import Interpolation, Preprocess
+from app.models.spec import Interpolation, Preprocess
 from export.checkpoints import (
     LoadedViT,
     Reference,

@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from app.spec import Preprocess
+from app.models.spec import Preprocess
 from export.checkpoints import (
     LoadedViT,
     SourceTensors,

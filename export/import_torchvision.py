@@ -16,7 +16,7 @@ from typing import cast
 
 from torch import Tensor, nn
 
-from app.spec import Interpolation, Preprocess
+from app.models.spec import Interpolation, Preprocess
 from export.checkpoints import (
     IMAGENET_MEAN,
     IMAGENET_STD,

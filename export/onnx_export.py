@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from app.spec import (
+from app.models.spec import (
     GRAPH_FILENAME,
     ROLLOUT_GRAPH_FILENAME,
     SPEC_FILENAME,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.spec import Source
+from app.models.spec import Source
 from export.onnx_export import export_to_repository
 from export.vit import VisionTransformer
 from tests.support import TINY, TINY_LABELS, TINY_PREPROCESS, TinyRepo, tiny_model

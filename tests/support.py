@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.spec import Architecture, ModelSpec, Preprocess, Source, contract_tensors
+from app.models.spec import Architecture, ModelSpec, Preprocess, Source, contract_tensors
 from export.vit import VisionTransformer, ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]

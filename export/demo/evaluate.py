@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from app.spec import GRAPH_FILENAME, ROLLOUT_GRAPH_FILENAME, SPEC_FILENAME, ModelSpec
+from app.models.spec import GRAPH_FILENAME, ROLLOUT_GRAPH_FILENAME, SPEC_FILENAME, ModelSpec
 from export.demo.shapes import generate
 
 EVAL_SEED = 4242  # neither the training chunks' seeds nor the training run's held-out seed

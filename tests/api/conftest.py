@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.repository import ModelVersion
-from app.sessions import BackendFactory, RolloutBackendFactory
-from app.settings import Settings
+from app.models.repository import ModelVersion
+from app.models.sessions import BackendFactory, RolloutBackendFactory
 from tests.support import TinyRepo
 
 ClientFactory = Callable[..., contextlib.AbstractAsyncContextManager[httpx.AsyncClient]]

@@ -9,9 +9,9 @@ import pytest
 from fastapi import FastAPI
 from pydantic import SecretStr, ValidationError
 
-from app.api.auth import AdminKeyDep
-from app.api.errors import install_error_handlers
-from app.settings import Settings
+from app.core.settings import Settings
+from app.http.auth import AdminKeyDep
+from app.http.errors import install_error_handlers
 from tests.api.conftest import ClientFactory
 from tests.images import png
 

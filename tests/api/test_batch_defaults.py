@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from tests.support import TinyRepo
 
 pytestmark = pytest.mark.anyio
@@ -15,8 +15,8 @@ pytestmark = pytest.mark.anyio
 async def test_the_cpu_batch_budget(tiny_repo: TinyRepo, setting: int | None, budget: int) -> None:
     app = create_app(Settings(model_repo=tiny_repo.root, max_batch_tokens=setting))
     async with app.router.lifespan_context(app):
-        classifier = app.state.classifier
-        assert {provider for _, provider in classifier.versions_served()} == {
+        service = app.state.service
+        assert {provider for _, provider in service.models.versions_served()} == {
             "CPUExecutionProvider"
         }
-        assert classifier.batcher.max_batch_tokens == budget
+        assert service.batcher.max_batch_tokens == budget

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import app.classifier as classifier_module
-from app.imaging import PreparedImage, ResizePolicy, prepare
-from app.postprocess import softmax
-from app.spec import ModelSpec
+import app.pipeline.service as service_module
+from app.models.spec import ModelSpec
+from app.pipeline.imaging import PreparedImage, ResizePolicy, prepare
+from app.pipeline.postprocess import softmax
 from tests.api.conftest import ClientFactory, FakeBackends
 from tests.images import jpeg, png
 from tests.support import FORMATS_HINT, TinyRepo
@@ -403,7 +403,7 @@ async def test_a_request_still_decoding_at_its_deadline_is_504(
     make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     decoder = HeldDecoder()
-    monkeypatch.setattr(classifier_module, "prepare", decoder)
+    monkeypatch.setattr(service_module, "prepare", decoder)
     async with make_client(request_timeout_s=0.2) as c:
         response = await c.post("/classify", **raw(jpeg()))
         decoder.release.set()
@@ -414,7 +414,7 @@ async def test_a_full_decode_queue_is_503(
     make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     decoder = HeldDecoder()
-    monkeypatch.setattr(classifier_module, "prepare", decoder)
+    monkeypatch.setattr(service_module, "prepare", decoder)
     async with make_client(max_queue_images=1) as c:
         first = asyncio.create_task(c.post("/classify", **raw(jpeg())))
         assert await asyncio.to_thread(decoder.entered.wait, 10)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.settings import Settings
+from app.core.settings import Settings
 from export.demo.shapes import CLASSES, generate
 from tests.api.conftest import serve
 from tests.images import encode

@@ -7,9 +7,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.repository import RepositoryError
-from app.settings import Settings
+from app.models.repository import RepositoryError
 from tests.support import TinyRepo
 
 pytestmark = pytest.mark.anyio

@@ -7,8 +7,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from app.metrics import LATENCY_BUCKETS_S, error_reason
-from app.repository import UnknownModelError
+from app.http.metrics import LATENCY_BUCKETS_S, error_reason
+from app.models.repository import UnknownModelError
 from tests.api.conftest import ClientFactory
 from tests.images import png
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from app.repository import ModelVersion
-from app.runtime import Backend
-from app.settings import Settings
+from app.core.settings import Settings
+from app.models.repository import ModelVersion
+from app.models.runtime import Backend
 from tests.api.conftest import FakeBackends, serve
 from tests.images import jpeg
 from tests.support import TinyRepo
@@ -49,7 +49,7 @@ async def test_a_corrupted_graph_takes_out_its_version_and_the_rest_serves(
     root = copy_repo(tiny_repo, tmp_path)
     graph = root / "tiny" / "2" / "model.onnx"
     graph.write_bytes(graph.read_bytes()[:-100])
-    with caplog.at_level(logging.ERROR, logger="app.repository"):
+    with caplog.at_level(logging.ERROR, logger="app.models.repository"):
         async with serve(Settings(model_repo=root)) as c:
             assert (await c.get("/readyz")).status_code == 200
             models = (await c.get("/models")).json()

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from app.providers import TENSORRT
-from app.repository import ModelVersion
-from app.runtime import Backend
-from app.settings import Settings
+from app.core.settings import Settings
+from app.models.providers import TENSORRT
+from app.models.repository import ModelVersion
+from app.models.runtime import Backend
 from tests.api.conftest import serve
 from tests.support import TinyRepo
 

@@ -15,11 +15,11 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from app.logs import JsonFormatter, request_id_var
+from app.core.logs import JsonFormatter, request_id_var
+from app.core.settings import Settings
+from app.http.middleware import DRAINING_MESSAGE, Lifecycle
 from app.main import create_app
-from app.middleware import DRAINING_MESSAGE, Lifecycle
 from app.server import DrainingServer
-from app.settings import Settings
 from tests.api.conftest import ClientFactory, FakeBackends
 from tests.images import png
 from tests.support import TinyRepo

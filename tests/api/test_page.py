@@ -7,7 +7,7 @@ import re
 import httpx
 import pytest
 
-from app.api.page import STATIC_DIR
+from app.http.page import STATIC_DIR
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from app.settings import Settings
+from app.core.settings import Settings
 from tests.api.conftest import FakeBackends, serve
 from tests.images import jpeg
 from tests.support import TinyRepo

@@ -17,13 +17,12 @@ import pytest
 from numpy.typing import NDArray
 from PIL import ExifTags, Image
 
-from app.imaging import ResizePolicy, prepare
-from app.repository import ModelVersion
-from app.rollout import RolloutParams
-from app.runtime import Backend, RolloutBackend
-from app.sessions import onnx_backends, onnx_rollout_backends
-from app.settings import Settings
-from app.spec import GraphFiles, ModelSpec
+from app.core.settings import Settings
+from app.models.repository import ModelVersion
+from app.models.runtime import Backend, RolloutBackend
+from app.models.sessions import onnx_backends, onnx_rollout_backends
+from app.models.spec import GraphFiles, ModelSpec, RolloutParams
+from app.pipeline.imaging import ResizePolicy, prepare
 from tests.api.conftest import serve
 from tests.images import encode, jpeg, noise, png, smooth
 from tests.support import TinyRepo

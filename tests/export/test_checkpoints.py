@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from app.spec import SPEC_FILENAME, ModelSpec, Source
+from app.models.spec import SPEC_FILENAME, ModelSpec, Source
 from export.__main__ import main
 from export.checkpoints import (
     LoadedViT,

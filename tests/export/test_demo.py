@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.spec import SPEC_FILENAME, ModelSpec
+from app.models.spec import SPEC_FILENAME, ModelSpec
 from export.__main__ import main as export_main
 from export.demo import train
 from export.demo.shapes import CLASSES, generate

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from app.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec, Preprocess, Source
+from app.models.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec, Preprocess, Source
 from export.onnx_export import (
     ParityError,
     check_parity,

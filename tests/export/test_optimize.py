@@ -14,9 +14,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from app.imaging import prepare
-from app.settings import Settings
-from app.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec, OptimizationLevel, Source
+from app.core.settings import Settings
+from app.models.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec, OptimizationLevel, Source
+from app.pipeline.imaging import prepare
 from export.onnx_export import check_parity, export_graph, export_to_repository, sha256_of
 from export.optimize import (
     check_fp16,

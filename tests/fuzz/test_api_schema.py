@@ -27,8 +27,8 @@ from schemathesis.core.result import Ok
 from schemathesis.python import asgi
 from schemathesis.schemas import APIOperation, BaseSchema
 
+from app.core.settings import Settings
 from app.main import create_app
-from app.settings import Settings
 from tests.fuzz import tally
 from tests.support import TinyRepo
 

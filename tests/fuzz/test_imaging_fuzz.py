@@ -1,4 +1,4 @@
-"""Property tests of decode + resize + patchify (`app.imaging.prepare`) on hostile input.
+"""Property tests of decode + resize + patchify (`app.pipeline.imaging.prepare`) on hostile input.
 
 Whatever bytes arrive, `prepare` returns patches in the layout the graph takes, or raises one of
 imaging's typed errors (the API answers those 400 and 413); any other exception would be a 500.
@@ -15,16 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import ImageFile
 
-from app.imaging import (
+from app.models.grids import fit_grid
+from app.models.spec import ModelSpec, Preprocess
+from app.pipeline.imaging import (
     ImageDecodeError,
     ImageTooLargeError,
     PreparedImage,
     ResizePolicy,
-    fit_grid,
     prepare,
     resize_plan,
 )
-from app.spec import ModelSpec, Preprocess
 from tests.fuzz import tally
 from tests.fuzz.encoded import MAX_SIDE, MODE_FORMATS, claiming, encoded_images
 from tests.support import make_spec

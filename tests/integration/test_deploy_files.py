@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
+from app.core.settings import Settings
+from app.http.metrics import Metrics
 from app.main import create_app
-from app.metrics import Metrics
-from app.settings import Settings
 from tests.integration.stack import DASHBOARD, DEPLOY, PROMETHEUS_CONF, need_program
 from tests.support import ROOT
 

@@ -19,9 +19,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.imaging import crop_plan, fit_grid
-from app.rollout import seen_box
-from app.spec import ModelSpec
+from app.models.grids import fit_grid
+from app.models.spec import ModelSpec
+from app.pipeline.imaging import crop_plan
+from app.pipeline.rollout import seen_box
 from export.demo.shapes import CLASSES, generate
 from tests.images import encode, smooth
 from tests.integration.live import ARTIFACTS, CHROMIUM_ARGS, LiveServer, chromium_path, run_server

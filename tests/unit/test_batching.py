@@ -1,4 +1,4 @@
-"""Continuous batching (app.batching) with a fake backend that the test can hold and release."""
+"""Continuous batching (app.pipeline.batching) with a fake backend the test holds and releases."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from app.batching import (
+from app.pipeline.batching import (
     Batcher,
     BatchKey,
     DeadlineExceededError,
@@ -108,7 +108,7 @@ async def harness_with(
 ) -> AsyncIterator[Harness]:
     backend = GatedBackend(fail_on_calls)
     batcher = Batcher(
-        {MODEL: backend},
+        [{MODEL: backend}],
         max_batch_size=max_batch_size,
         max_batch_tokens=max_batch_tokens,
         max_queue_images=max_queue_images,
@@ -257,7 +257,9 @@ async def test_a_backend_error_answers_every_image_of_its_batch_and_later_reques
 
 async def test_stop_answers_running_and_queued_images_and_refuses_new_ones() -> None:
     backend = GatedBackend()
-    batcher = Batcher({MODEL: backend}, max_batch_size=2, max_batch_tokens=8192, max_queue_images=8)
+    batcher = Batcher(
+        [{MODEL: backend}], max_batch_size=2, max_batch_tokens=8192, max_queue_images=8
+    )
     batcher.start()
     h = Harness(backend, batcher)
     running = await h.start_blocked()
@@ -277,7 +279,9 @@ async def test_stop_answers_running_and_queued_images_and_refuses_new_ones() -> 
 
 async def test_stop_drains_queued_work_when_given_time() -> None:
     backend = GatedBackend()
-    batcher = Batcher({MODEL: backend}, max_batch_size=2, max_batch_tokens=8192, max_queue_images=8)
+    batcher = Batcher(
+        [{MODEL: backend}], max_batch_size=2, max_batch_tokens=8192, max_queue_images=8
+    )
     batcher.start()
     h = Harness(backend, batcher)
     running = await h.start_blocked()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from app.batching import (
+from app.pipeline.batching import (
     Batcher,
     BatchingError,
     DeadlineExceededError,
@@ -54,8 +54,7 @@ async def test_every_accepted_request_gets_exactly_one_answer_whatever_fails(
 ) -> None:
     backends = [FaultyBackend() for _ in range(instances)]
     batcher = Batcher(
-        {MODEL: backends[0]},
-        more_instances=[{MODEL: b} for b in backends[1:]],
+        [{MODEL: b} for b in backends],
         max_batch_size=4,
         max_batch_tokens=8192,
         max_queue_images=24,
@@ -112,8 +111,7 @@ async def test_every_accepted_request_gets_exactly_one_answer_whatever_fails(
 async def test_each_runtime_instance_runs_batches_in_its_own_thread() -> None:
     first, second = GatedBackend(), GatedBackend()
     batcher = Batcher(
-        {MODEL: first},
-        more_instances=[{MODEL: second}],
+        [{MODEL: first}, {MODEL: second}],
         max_batch_size=32,
         max_batch_tokens=8192,
         max_queue_images=64,
@@ -136,8 +134,7 @@ async def test_each_runtime_instance_runs_batches_in_its_own_thread() -> None:
 def test_every_instance_must_serve_the_same_versions() -> None:
     with pytest.raises(ValueError, match="same model versions"):
         Batcher(
-            {MODEL: GatedBackend()},
-            more_instances=[{}],
+            [{MODEL: GatedBackend()}, {}],
             max_batch_size=1,
             max_batch_tokens=64,
             max_queue_images=1,
@@ -147,7 +144,7 @@ def test_every_instance_must_serve_the_same_versions() -> None:
 async def test_a_queue_delay_holds_a_batch_until_it_is_full() -> None:
     backend = GatedBackend()
     batcher = Batcher(
-        {MODEL: backend},
+        [{MODEL: backend}],
         max_batch_size=4,
         max_batch_tokens=8192,
         max_queue_images=64,
@@ -169,7 +166,7 @@ async def test_a_queue_delay_holds_a_batch_until_it_is_full() -> None:
 async def test_stop_runs_a_held_batch_rather_than_waiting_out_the_delay() -> None:
     backend = GatedBackend()
     batcher = Batcher(
-        {MODEL: backend},
+        [{MODEL: backend}],
         max_batch_size=4,
         max_batch_tokens=8192,
         max_queue_images=64,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from app.imaging import FIT_ASPECTS, fit_grid, snap_aspect
+from app.models.grids import FIT_ASPECTS, fit_grid, snap_aspect
 
 
 def test_every_photo_shape_lands_on_one_of_a_few_grids_per_token_budget() -> None:

@@ -1,4 +1,4 @@
-"""Decoding, orientation, colour modes, resize policies and patch layout of app.imaging."""
+"""Decoding, orientation, colour modes, resize policies and patch layout of app.pipeline.imaging."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ import torch
 from numpy.typing import NDArray
 from PIL import ExifTags, Image, ImageFile, JpegImagePlugin
 
-from app.imaging import (
+from app.models.grids import fit_grid
+from app.models.spec import ModelSpec, Preprocess
+from app.pipeline.imaging import (
     ImageDecodeError,
     ImageTooLargeError,
     PreparedImage,
     ResizePolicy,
     crop_plan,
-    fit_grid,
     patchify,
     prepare,
     to_rgb,
 )
-from app.spec import ModelSpec, Preprocess
 from export.vit import patchify as torch_patchify
 from tests.images import encode, jpeg, noise, png, smooth
 from tests.support import FORMATS_HINT, make_spec

@@ -1,10 +1,10 @@
-"""Softmax and top-k of app.postprocess."""
+"""Softmax and top-k of app.pipeline.postprocess."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from app.postprocess import Prediction, classify, softmax, top_k
+from app.pipeline.postprocess import Prediction, predictions, softmax, top_k
 
 LABELS = ["a", "b", "c", "d"]
 
@@ -39,7 +39,7 @@ def test_tied_scores_keep_the_lower_index_first() -> None:
     assert [p.index for p in top_k(np.full(4, 0.25), 4, LABELS)] == [0, 1, 2, 3]
 
 
-def test_classify_turns_logits_into_probabilities() -> None:
-    predictions = classify(np.array([0.0, 0.0, 0.0, np.log(3.0)]), 2, LABELS)
-    assert [p.label for p in predictions] == ["d", "a"]
-    np.testing.assert_allclose([p.score for p in predictions], [0.5, 1 / 6])
+def test_predictions_turn_logits_into_probabilities() -> None:
+    top = predictions(np.array([0.0, 0.0, 0.0, np.log(3.0)]), 2, LABELS)
+    assert [p.label for p in top] == ["d", "a"]
+    np.testing.assert_allclose([p.score for p in top], [0.5, 1 / 6])

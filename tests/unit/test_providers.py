@@ -1,4 +1,4 @@
-"""Execution providers (app.providers, app.runtime): order, TensorRT's options, IO binding."""
+"""Execution providers (app.models.providers and runtime): order, TensorRT's options, IO binding."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from app import runtime
-from app.providers import (
+from app.core.settings import Settings
+from app.models import runtime
+from app.models.providers import (
     CPU,
     CUDA,
     TENSORRT,
@@ -25,12 +26,10 @@ from app.providers import (
     tensorrt_options,
     tensorrt_options_key,
 )
-from app.repository import ModelVersion, scan_repository
-from app.rollout import RolloutParams
-from app.runtime import OnnxBackend, OnnxRolloutBackend, execution_plan
-from app.sessions import open_backend
-from app.settings import Settings
-from app.spec import Architecture, ModelSpec
+from app.models.repository import ModelVersion, scan_repository
+from app.models.runtime import OnnxBackend, OnnxRolloutBackend, execution_plan
+from app.models.sessions import open_backend
+from app.models.spec import Architecture, ModelSpec, RolloutParams
 
 DEMO_REPO = Path(__file__).resolve().parents[2] / "model_repo"
 ALL = [TENSORRT, CUDA, CPU]

@@ -1,4 +1,4 @@
-"""Scanning and checking the model repository (app.repository)."""
+"""Scanning and checking the model repository (app.models.repository)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.repository import (
+from app.models.repository import (
     ModelNotReadyError,
     RepositoryError,
     UnknownModelError,

@@ -10,20 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from app.imaging import crop_plan, resize_plan
-from app.repository import scan_repository
-from app.rollout import (
+from app.models.repository import scan_repository
+from app.models.runtime import CPU, OnnxRolloutBackend, RuntimeLoadError
+from app.models.spec import HEAD_FUSIONS, HeadFusion, Preprocess, RolloutParams
+from app.pipeline.imaging import crop_plan, resize_plan
+from app.pipeline.rollout import (
     COLORMAP,
-    HEAD_FUSIONS,
-    HeadFusion,
-    RolloutParams,
     heatmap_png,
     normalise,
     overlay,
     seen_box,
 )
-from app.runtime import CPU, OnnxRolloutBackend, RuntimeLoadError
-from app.spec import Preprocess
 from export.rollout import RolloutViT
 from tests.images import encode, noise
 from tests.support import TinyRepo, make_spec

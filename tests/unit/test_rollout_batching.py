@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from app.batching import (
+from app.models.spec import RolloutParams
+from app.pipeline.batching import (
     Batcher,
     BatchKey,
     DeadlineExceededError,
@@ -19,7 +20,6 @@ from app.batching import (
     NotServedError,
     Output,
 )
-from app.rollout import RolloutParams
 
 pytestmark = pytest.mark.anyio
 
@@ -89,7 +89,7 @@ def deadline_in(seconds: float) -> float:
 @contextlib.asynccontextmanager
 async def batcher_with(calls: Calls, fail: bool = False) -> AsyncIterator[Batcher]:
     batcher = Batcher(
-        {("m", 1): PlainBackend(calls)},
+        [{("m", 1): PlainBackend(calls)}],
         rollout_backends={("m", 1): RolloutBackend(calls, fail)},
         max_batch_size=32,
         max_batch_tokens=8192,

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions (app.runtime) against the PyTorch model they were exported from."""
+"""ONNX Runtime sessions (app.models.runtime) against the PyTorch model they were exported from."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.imaging import prepare
-from app.repository import scan_repository
-from app.runtime import CPU, OnnxBackend, RuntimeLoadError, candidate_providers
+from app.models.repository import scan_repository
+from app.models.runtime import CPU, OnnxBackend, RuntimeLoadError, candidate_providers
+from app.pipeline.imaging import prepare
 from tests.images import png
 from tests.support import TinyRepo
 

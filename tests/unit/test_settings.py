@@ -1,4 +1,4 @@
-"""Settings from the environment (app.settings)."""
+"""Settings from the environment (app.core.settings)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.settings import Settings
+from app.core.settings import Settings
 
 
 def test_defaults_are_the_documented_limits(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,7 @@
 """Execution providers: which ONNX Runtime providers a graph is offered, and their options.
 
 Everything here is pure (no ONNX Runtime, no GPU), so the choices are unit-tested on any machine;
-`app.runtime` asks ONNX Runtime and the driver what is present and opens the sessions.
+`app.models.runtime` asks ONNX Runtime and the driver what is present and opens the sessions.
 
 TensorRT is first wherever it can take the whole graph, because that is what a user of an
 inference server expects of a GPU and it is the fastest of the three. What used to keep it
@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.imaging import FIT_ASPECTS, fit_grid
-from app.spec import Architecture, ModelSpec, OptimizationLevel
+from app.models.grids import FIT_ASPECTS, fit_grid
+from app.models.spec import Architecture, ModelSpec, OptimizationLevel
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -94,7 +94,7 @@ def takes_tensorrt(level: OptimizationLevel, rollout: bool) -> bool:
 def fit_grids(
     arch: Architecture, fit_max_tokens: int, max_aspect: float
 ) -> frozenset[tuple[int, int]]:
-    """Every grid `app.imaging.fit_grid` can return for images of aspect ratio (w/h) within
+    """Every grid `app.pipeline.imaging.fit_grid` can return for images of aspect ratio (w/h) within
     [1/max_aspect, max_aspect].
 
     `fit_grid` sees an image only through its snapped aspect ratio: the ratios of
@@ -135,14 +135,14 @@ def served_profile(
     """The profile for a version's graph: the native grid (`crop`) and every grid `fit` makes
     of images up to 4:1 either way, per dimension from the smallest to the largest; batch 1 up
     to the batch size, or fewer where the token budget cannot hold that many of the smallest
-    grid (`app.batching` bounds a batch by both). Opt: the native grid at the largest batch
+    grid (`app.pipeline.batching` bounds a batch by both). Opt: the native grid at the largest batch
     of it the budget allows, what a loaded server runs most (a GPU is there for load).
 
     Not the grids of wider images (1 x T, T x 1; panoramas, strips): TensorRT bounds each
     dimension on its own, so covering them would make the box T x T tokens (ViT-B/16 at 224:
     392 x 392 = 153,664 tokens per image, 32 of them a batch) and TensorRT sizes its
     activation memory for the box's corner: tens of GB that no batch ever uses, or a failed
-    build. Those rare batches run on a CUDA session of the same graph (`app.runtime`).
+    build. Those rare batches run on a CUDA session of the same graph (`app.models.runtime`).
     """
     grids = fit_grids(arch, fit_max_tokens, PROFILE_MAX_ASPECT) | {arch.grid}
     heights = [g[0] for g in grids]

@@ -4,7 +4,7 @@ Also `GET /metrics`, and the error handlers' note of each error's kind for the m
 
 A pure ASGI middleware rather than Starlette's BaseHTTPMiddleware: it sees the status as the
 response starts, adds `X-Request-ID` to it, and runs the route in the request's own task, so the
-context variables it opens (request id, metrics record) reach the classifier.
+context variables it opens (request id, metrics record) reach the classify service.
 """
 
 from __future__ import annotations
@@ -21,18 +21,11 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_response
-from app.classifier import BUSY_MESSAGE
-from app.logs import request_id_var
-from app.metrics import (
-    QUIET_PATHS,
-    UNMATCHED_ROUTE,
-    Metrics,
-    RequestRecord,
-    current_request,
-    error_reason,
-    request_scope,
-)
+from app.core.logs import request_id_var
+from app.core.records import RequestRecord, current_request, request_scope
+from app.http.errors import error_response
+from app.http.metrics import QUIET_PATHS, UNMATCHED_ROUTE, Metrics, error_reason
+from app.pipeline.service import BUSY_MESSAGE
 
 access_log = logging.getLogger("app.access")
 
@@ -138,8 +131,8 @@ class RequestMiddleware:
         # Under overload, refuse new work here, before routing and validation, without decoding
         # anything: the cheapest answer the event loop can give, so it keeps up with arrivals
         # (the route checks again, for requests admitted in between).
-        classifier = getattr(self.owner.state, "classifier", None)
-        busy = not refused and path == "/classify" and getattr(classifier, "busy", False)
+        service = getattr(self.owner.state, "service", None)
+        busy = not refused and path == "/classify" and getattr(service, "busy", False)
         token = request_id_var.set(record.request_id)
         if not quiet:
             self.metrics.in_flight.inc()

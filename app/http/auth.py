@@ -1,7 +1,7 @@
 """Access control: the checks of a request's key.
 
 `check_api_key` guards the inference route when `VIT_SERVE_API_KEY` is set (open otherwise);
-POST /classify calls it itself (see app/api/params.py for why it declares no dependencies).
+POST /classify calls it itself (see app/http/params.py for why it declares no dependencies).
 `AdminKeyDep` guards admin endpoints, which are off (403) until `VIT_SERVE_ADMIN_API_KEY` is set.
 A key is sent as `Authorization: Bearer <key>` or `X-API-Key: <key>`, read by `presented_keys`
 for both. Both read the settings from `app.state.settings` (set by `create_app`): the checks do
@@ -18,8 +18,8 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import SecretStr
 
-from app.errors import AdminDisabledError, InvalidKeyError, MissingKeyError
-from app.settings import Settings
+from app.core.errors import AdminDisabledError, InvalidKeyError, MissingKeyError
+from app.core.settings import Settings
 
 FORMS = "'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 ADMIN_DISABLED = "admin endpoints are disabled: set VIT_SERVE_ADMIN_API_KEY to enable them"

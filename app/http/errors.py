@@ -10,14 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from app.batching import (
-    DeadlineExceededError,
-    InferenceError,
-    NotServedError,
-    OverloadedError,
-    ShuttingDownError,
-)
-from app.errors import (
+from app.core.errors import (
     AdminDisabledError,
     BadRequestBodyError,
     BodyTimeoutError,
@@ -31,8 +24,15 @@ from app.errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
-from app.imaging import ImageDecodeError, ImageTooLargeError
-from app.repository import ModelNotReadyError, RepositoryError, UnknownModelError
+from app.models.repository import ModelNotReadyError, RepositoryError, UnknownModelError
+from app.pipeline.batching import (
+    DeadlineExceededError,
+    InferenceError,
+    NotServedError,
+    OverloadedError,
+    ShuttingDownError,
+)
+from app.pipeline.imaging import ImageDecodeError, ImageTooLargeError
 
 log = logging.getLogger(__name__)
 

@@ -10,26 +10,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from app.repository import ModelVersion, Repository, Unavailable
-
-Key = tuple[str, int]
+from app.models.repository import ModelVersion, Repository, Unavailable, VersionKey
 
 
 @dataclass(frozen=True)
 class ReloadPlan:
     load: list[ModelVersion] = field(default_factory=list)  # new or changed: make sessions
     keep: list[ModelVersion] = field(default_factory=list)  # served as they are
-    unload: list[Key] = field(default_factory=list)  # gone from the repository: drain, release
+    unload: list[VersionKey] = field(
+        default_factory=list
+    )  # gone from the repository: drain, release
     # Served now, broken on disk: kept serving from memory, and reported.
     kept_despite: list[Unavailable] = field(default_factory=list)
 
 
-def plan_reload(served: Repository, loaded: dict[Key, str], scanned: Repository) -> ReloadPlan:
+def plan_reload(
+    served: Repository, loaded: dict[VersionKey, str], scanned: Repository
+) -> ReloadPlan:
     """`served`: what requests resolve now; `loaded`: fingerprints of every version that has
     sessions (including versions marked not ready); `scanned`: the repository on disk now."""
     now = {mv.key: mv for mv in served.all_versions()}
     plan = ReloadPlan()
-    on_disk: set[Key] = set()
+    on_disk: set[VersionKey] = set()
     for mv in scanned.all_versions():
         on_disk.add(mv.key)
         current = now.get(mv.key)

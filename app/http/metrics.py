@@ -2,18 +2,15 @@
 
 Latencies are histograms (never summaries) so quantiles aggregate across replicas in PromQL
 (`histogram_quantile(0.99, sum by (le) (rate(..._bucket[5m])))`). Request-scoped facts (which
-model a request resolved to, how long its preprocessing took) travel in a context variable that
-the request middleware opens, so the classifier reports them without knowing about HTTP; batch
-facts (queue wait, inference time, batch size) come from the batcher's observer hook.
+model a request resolved to, how long its preprocessing took) arrive in each request's record
+(app/core/records.py) when the middleware reports it; batch facts (queue wait, inference time,
+batch size) through the batcher's observer hook, which app/main.py connects.
 """
 
 from __future__ import annotations
 
-import contextvars
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -26,11 +23,13 @@ from prometheus_client import (
     generate_latest,
 )
 
-from app.providers import graph_form
+from app.core.records import RequestRecord
+from app.models.providers import graph_form
 
 if TYPE_CHECKING:
-    from app.batching import BatchKey
-    from app.classifier import Classifier
+    from app.models.table import ModelTable
+    from app.pipeline.batching import BatchKey
+    from app.pipeline.service import ClassifyService
 
 NAMESPACE = "vit_serve"
 
@@ -49,51 +48,6 @@ BATCH_TOKEN_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(4, 18)
 # gauge (a scrape would always count itself), and out of the access log at INFO.
 QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 UNMATCHED_ROUTE = "unmatched"  # every path no route serves: bounded label values
-
-
-@dataclass
-class RequestRecord:
-    """What one request learned on its way, for the middleware to report when it ends."""
-
-    request_id: str
-    model: str = ""  # the model it resolved to; "" before (or without) resolution
-    images: int = 0
-    preprocess_s: float | None = None
-    error_reason: str | None = None
-
-
-_current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
-    "vit_serve_request", default=None
-)
-
-
-@contextmanager
-def request_scope(record: RequestRecord) -> Iterator[RequestRecord]:
-    """Make `record` the current request's for the code this block runs (and its tasks)."""
-    token = _current.set(record)
-    try:
-        yield record
-    finally:
-        _current.reset(token)
-
-
-def current_request() -> RequestRecord | None:
-    return _current.get()
-
-
-def note_model(name: str) -> None:
-    """The current request is for model `name` (a resolved name: bounded label values)."""
-    record = _current.get()
-    if record is not None:
-        record.model = name
-
-
-def note_preprocessed(images: int, seconds: float) -> None:
-    """The current request's images are decoded, resized and patchified."""
-    record = _current.get()
-    if record is not None:
-        record.images = images
-        record.preprocess_s = seconds
 
 
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
@@ -222,22 +176,18 @@ class Metrics:
 
     # --- hooks -----------------------------------------------------------------------------
 
-    def attach(self, classifier: Classifier, draining: Callable[[], bool]) -> None:
-        """Read the running classifier: gauges read at scrape time, model info, batch hook."""
-        self.queue_depth.set_function(lambda: classifier.batcher.queued)
-        self.ready.set_function(
-            lambda: float(classifier.ready and classifier.serving and not draining())
-        )
-        self.queue_capacity.set(classifier.batcher.max_queue_images)
-        self.show_models(classifier)
-        classifier.on_change = lambda: self.show_models(classifier)
-        classifier.batcher.observer = self
+    def watch(self, service: ClassifyService, draining: Callable[[], bool]) -> None:
+        """Gauges read from the running service at scrape time, and the served models now."""
+        self.queue_depth.set_function(lambda: service.batcher.queued)
+        self.ready.set_function(lambda: float(service.ready and service.serving and not draining()))
+        self.queue_capacity.set(service.batcher.max_queue_images)
+        self.show_models(service.models)
 
-    def show_models(self, classifier: Classifier) -> None:
+    def show_models(self, models: ModelTable) -> None:
         """One `model_info` series per served version; re-run whenever a reload or a fault
         changes what is served."""
         self.model_info.clear()
-        for version, provider in classifier.versions_served():
+        for version, provider in models.versions_served():
             grid = version.spec.architecture.grid
             self.model_info.labels(
                 model=version.name,
@@ -246,7 +196,7 @@ class Metrics:
                 grid=f"{grid[0]}x{grid[1]}",
                 optimization=graph_form(version.spec, version.version),
             ).set(1)
-        self.models_not_ready.set(len(classifier.repository.unavailable))
+        self.models_not_ready.set(len(models.repository.unavailable))
 
     def batch_done(self, key: BatchKey, queue_waits_s: Sequence[float], run_s: float) -> None:
         """The batcher ran one batch of `key` (the batcher's observer protocol)."""

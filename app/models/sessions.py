@@ -3,7 +3,7 @@ backend, made by the factories, and guarded so a version that keeps failing is t
 
 A session that raises on one batch may have met one bad input; one that raises on
 `failure_threshold` batches in a row is broken (a corrupted graph that still parsed, a device
-that went away). The guard then reports the version, once, so the classifier marks it not ready
+that went away). The guard then reports the version, once, so the model table marks it not ready
 with the reason and answers its requests 503 while the other models keep serving.
 """
 
@@ -18,10 +18,10 @@ from typing import TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from app.priority import in_lowered_thread
-from app.repository import ModelVersion
-from app.rollout import RolloutParams
-from app.runtime import (
+from app.core.priority import in_lowered_thread
+from app.core.settings import Settings
+from app.models.repository import ModelVersion, VersionKey
+from app.models.runtime import (
     Backend,
     ExecutionPlan,
     OnnxBackend,
@@ -29,7 +29,7 @@ from app.runtime import (
     RolloutBackend,
     execution_plan,
 )
-from app.settings import Settings
+from app.models.spec import RolloutParams
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,13 @@ BackendFactory = Callable[[ModelVersion], Backend]
 # None: the version has no rollout graph, and rollout requests for it get a 400.
 RolloutBackendFactory = Callable[[ModelVersion], RolloutBackend | None]
 # Called from an inference thread with the version's key and the reason, once per version.
-OnBroken = Callable[[tuple[str, int], str], None]
+OnBroken = Callable[[VersionKey, str], None]
 
 
 class FailureGuard:
     """Consecutive failed batches of one version, across its plain and rollout sessions."""
 
-    def __init__(self, version: tuple[str, int], threshold: int, on_broken: OnBroken) -> None:
+    def __init__(self, version: VersionKey, threshold: int, on_broken: OnBroken) -> None:
         self.version = version
         self.threshold = threshold
         self.on_broken = on_broken
@@ -178,7 +178,7 @@ def onnx_backends(settings: Settings) -> BackendFactory:
 
 def onnx_rollout_backends(settings: Settings) -> RolloutBackendFactory:
     """A session per version's rollout graph, where it has one, created and warmed at start
-    (CUDA first on a GPU: see `app.providers.takes_tensorrt`)."""
+    (CUDA first on a GPU: see `app.models.providers.takes_tensorrt`)."""
 
     def load(version: ModelVersion) -> RolloutBackend | None:
         if version.rollout_path is None or version.spec.rollout is None:
@@ -223,7 +223,7 @@ class SessionLoader:
         self.settings = settings
         self.factory = factory
         self.rollout_factory = rollout_factory
-        # Set by the classifier that owns the sessions: told when a version keeps failing.
+        # Set by the model table that owns the sessions: told when a version keeps failing.
         self.on_broken: OnBroken = lambda key, reason: None
 
     def load(self, version: ModelVersion) -> Sessions:

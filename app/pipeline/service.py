@@ -1,8 +1,9 @@
-"""The classification service: models, preprocessing pool and batcher behind one call; no HTTP.
+"""The classify service: the request path from uploaded bytes to labelled answers; no HTTP.
 
-`classify` takes uploaded bytes and returns labelled predictions: it preprocesses in a bounded
-thread pool, queues the patch grids on the batcher and turns logits into top-k answers, all under
-one deadline per request.
+`ClassifyService.classify` resolves the model version in the model table, preprocesses in a
+bounded thread pool, queues the patch grids on the batcher and turns logits into top-k answers,
+all under one deadline per request. It also admits requests (`admission`): one place each, from
+before the body is read until the answer.
 """
 
 from __future__ import annotations
@@ -12,22 +13,26 @@ import contextlib
 import functools
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from app import metrics
-from app.batching import Batcher, BatchKey, DeadlineExceededError, OverloadedError
-from app.errors import (
+from app.core import records
+from app.core.errors import (
     BusyError,
     InvalidParameterError,
     RolloutUnavailableError,
     TooManyImagesError,
     UnsupportedMediaTypeError,
 )
-from app.imaging import (
+from app.core.priority import lower_this_thread
+from app.core.settings import Settings
+from app.models.repository import ModelVersion
+from app.models.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec, RolloutParams
+from app.models.table import ModelTable
+from app.pipeline.batching import Batcher, BatchKey, DeadlineExceededError, OverloadedError
+from app.pipeline.imaging import (
     FORMATS_HINT,
     ImageDecodeError,
     PreparedImage,
@@ -35,31 +40,8 @@ from app.imaging import (
     prepare,
     resize_plan,
 )
-from app.postprocess import Prediction, classify
-from app.priority import lower_this_thread
-from app.providers import GPU_PROVIDERS
-from app.reload import plan_reload
-from app.repository import (
-    ModelEntry,
-    ModelVersion,
-    Repository,
-    RepositoryError,
-    Unavailable,
-    scan_repository,
-    signature,
-)
-from app.rollout import RolloutMap, RolloutParams, RolloutResult, heatmap_png, normalise
-from app.sessions import (
-    BackendFactory,
-    RolloutBackendFactory,
-    SessionLoader,
-    Sessions,
-    load_failure,
-    onnx_backends,
-    onnx_rollout_backends,
-)
-from app.settings import Settings
-from app.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec
+from app.pipeline.postprocess import Prediction, predictions
+from app.pipeline.rollout import RolloutMap, RolloutResult, heatmap_png, normalise
 
 log = logging.getLogger(__name__)
 
@@ -107,56 +89,26 @@ def _declares_image(content_type: str | None) -> bool:
     return mime.startswith("image/") or mime == "application/octet-stream"
 
 
-def _shown(key: tuple[str, int]) -> str:
-    return f"{key[0]}/{key[1]}"
-
-
 def _rollout_of(rollout: RolloutMap | None) -> RolloutMap:
     if rollout is None:  # the batcher answers every rollout key with a map
         raise RuntimeError("a rollout request was answered without a rollout map")
     return normalise(rollout)
 
 
-@dataclass(frozen=True)
-class ReloadReport:
-    loaded: list[str]  # "name/version", new or changed
-    unloaded: list[str]  # gone from the repository, drained and released
-    unchanged: list[str]
-    failed: list[Unavailable]  # cannot be served as on disk (one that served before still does)
-
-
-class Classifier:
-    def __init__(
-        self,
-        settings: Settings,
-        repository: Repository,
-        sessions: Mapping[tuple[str, int], Sessions],
-        loader: SessionLoader | None = None,
-    ) -> None:
-        """`sessions`: every version's, one plain backend per runtime instance; `loader` makes
-        them for versions that a reload finds (None: reloads cannot load anything)."""
+class ClassifyService:
+    def __init__(self, settings: Settings, models: ModelTable) -> None:
         self.settings = settings
-        self.repository = repository  # replaced whole, never mutated: a request sees one
-        self._sessions = dict(sessions)
-        self._loader = loader
-        lanes = [
-            {key: s.lanes[i] for key, s in self._sessions.items()}
-            for i in range(settings.runtime_instances)
-        ]
+        self.models = models
         self.batcher = Batcher(
-            lanes[0],
-            rollout_backends={
-                k: s.rollout for k, s in self._sessions.items() if s.rollout is not None
-            },
+            models.lanes(),
+            rollout_backends=models.rollout_backends(),
             max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.batch_tokens(
-                gpu=any(s.provider in GPU_PROVIDERS for s in self._sessions.values())
-            ),
+            max_batch_tokens=settings.batch_tokens(gpu=models.on_gpu),
             max_queue_images=settings.max_queue_images,
             max_queue_delay_ms=settings.max_queue_delay_ms,
-            more_instances=lanes[1:],
             thread_initializer=functools.partial(lower_this_thread, settings.worker_nice),
         )
+        models.bind(self.batcher)
         self._pool = ThreadPoolExecutor(
             max_workers=settings.preprocess_threads,
             thread_name_prefix="vit-serve-preprocess",
@@ -165,44 +117,7 @@ class Classifier:
         )
         self._preprocessing = 0  # images handed to the pool and not yet back
         self._admitted = 0  # requests between admission and answer
-        self._in_use: Counter[tuple[str, int]] = Counter()  # requests holding each version
         self._ready = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._reloading = asyncio.Lock()
-        self._poller: asyncio.Task[None] | None = None
-        self._signature = signature(settings.model_repo)
-        self.on_change: Callable[[], None] | None = None  # what is served changed (metrics)
-        if loader is not None:
-            loader.on_broken = self._broken
-
-    @classmethod
-    def load(
-        cls,
-        settings: Settings,
-        backend_factory: BackendFactory | None = None,
-        rollout_factory: RolloutBackendFactory | None = None,
-    ) -> Classifier:
-        """Scan the repository and load (and warm up) every version's graphs; blocking.
-
-        Rollout graphs load here too, not on first use: the first rollout request then costs
-        what the next one does. The price is a second session's memory per version. A version
-        whose sessions cannot be made is served by nobody and listed as not ready, with why.
-        """
-        repository = scan_repository(settings.model_repo, settings.default_model)
-        loader = SessionLoader(
-            settings,
-            backend_factory or onnx_backends(settings),
-            rollout_factory or onnx_rollout_backends(settings),
-        )
-        sessions: dict[tuple[str, int], Sessions] = {}
-        failed: dict[tuple[str, int], str] = {}
-        for version in repository.all_versions():
-            try:
-                sessions[version.key] = loader.load(version)
-            except Exception as exc:
-                failed[version.key] = load_failure(exc)
-                log.exception("model %s version %d cannot be loaded", *version.key)
-        return cls(settings, repository.without(failed), sessions, loader)
 
     @property
     def ready(self) -> bool:
@@ -211,21 +126,16 @@ class Classifier:
     @property
     def serving(self) -> bool:
         """At least one model version can answer."""
-        return bool(self.repository.models)
+        return self.models.serving
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self.batcher.start()
+        self.models.start()
         self._ready = True
-        if self.settings.model_repo_poll_s > 0:
-            self._poller = self._loop.create_task(self._poll(), name="model-repo-poll")
 
     async def stop(self) -> None:
         self._ready = False
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        await self.models.stop()
         await self.batcher.stop(self.settings.drain_timeout_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -255,121 +165,6 @@ class Classifier:
     def fit_max_tokens(self, spec: ModelSpec) -> int:
         return self.settings.fit_max_tokens or 2 * spec.architecture.native_tokens
 
-    def provider(self, entry: ModelEntry) -> str:
-        return self._sessions[(entry.spec.name, entry.default_version)].provider
-
-    def versions_served(self) -> list[tuple[ModelVersion, str]]:
-        """Each served version with its provider."""
-        return [(v, self._sessions[v.key].provider) for v in self.repository.all_versions()]
-
-    def rollout_versions(self, entry: ModelEntry) -> list[int]:
-        """The versions of a model that can answer rollout requests."""
-        name = entry.spec.name
-        return sorted(v for v in entry.versions if self._sessions[(name, v)].rollout is not None)
-
-    # --- faults and reloads ------------------------------------------------------------------
-
-    def _broken(self, key: tuple[str, int], reason: str) -> None:
-        """From an inference thread: the version keeps failing; take it out on the loop."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._mark_not_ready, key, reason)
-
-    def _mark_not_ready(self, key: tuple[str, int], reason: str) -> None:
-        if key not in {v.key for v in self.repository.all_versions()}:
-            return
-        log.error("model %s version %d is not ready: %s", *key, reason)
-        self.repository = self.repository.without({key: reason})
-        self._changed()
-
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change()
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.model_repo_poll_s)
-            try:
-                found = await asyncio.to_thread(signature, self.settings.model_repo)
-                if found != self._signature:
-                    await self.reload()
-            except Exception:  # the poller outlives any one failed reload
-                log.exception("reloading the model repository failed")
-
-    async def reload(self) -> ReloadReport:
-        """Scan the repository again and serve what it holds now, with no failed request.
-
-        New and changed versions are loaded and warmed up off the event loop while the old ones
-        serve, then swapped in at once; a version whose folder is gone leaves the table at once
-        (no new request resolves to it) and is released when its last request has finished.
-        """
-        async with self._reloading:
-            found = await asyncio.to_thread(signature, self.settings.model_repo)
-            try:
-                scanned = await asyncio.to_thread(
-                    scan_repository, self.settings.model_repo, self.settings.default_model
-                )
-            except RepositoryError as exc:
-                raise RepositoryError(f"{exc}; nothing was reloaded") from exc
-            self._signature = found  # the poller looks again only when the files change again
-            loaded = {key: s.version.fingerprint for key, s in self._sessions.items()}
-            plan = plan_reload(self.repository, loaded, scanned)
-            made: dict[tuple[str, int], Sessions] = {}
-            failed: list[Unavailable] = list(scanned.unavailable.values())
-            unavailable = {
-                k: u for k, u in scanned.unavailable.items() if u not in plan.kept_despite
-            }
-            serving = {mv.key: mv for mv in plan.keep}
-            current = {mv.key: mv for mv in self.repository.all_versions()}
-            for version in plan.load:
-                try:
-                    made[version.key] = await asyncio.to_thread(self._load_one, version)
-                except Exception as exc:
-                    log.exception("model %s version %d cannot be loaded", *version.key)
-                    failure = Unavailable(version.name, version.version, load_failure(exc))
-                    failed.append(failure)
-                    if version.key in current:  # the old one goes on serving
-                        serving[version.key] = current[version.key]
-                    else:
-                        unavailable[version.key] = failure
-            for key, sessions in made.items():
-                self.batcher.install(key, sessions.lanes, sessions.rollout)
-                self._sessions[key] = sessions
-                serving[key] = sessions.version
-            self.repository = Repository.of(
-                list(serving.values()), unavailable, self.settings.default_model
-            )
-            self._changed()
-            for key in plan.unload:
-                await self._drain(key)
-            report = ReloadReport(
-                loaded=[_shown(key) for key in made],
-                unloaded=[_shown(key) for key in plan.unload],
-                unchanged=[_shown(mv.key) for mv in plan.keep if mv.key not in made],
-                failed=failed,
-            )
-            log.info(
-                "reloaded %s: loaded %s, unloaded %s, failed %s",
-                self.settings.model_repo,
-                report.loaded,
-                report.unloaded,
-                [f"{f.shown}: {f.reason}" for f in report.failed],
-            )
-            return report
-
-    def _load_one(self, version: ModelVersion) -> Sessions:
-        if self._loader is None:
-            raise RuntimeError("this classifier was made without a session loader")
-        return self._loader.load(version)
-
-    async def _drain(self, key: tuple[str, int]) -> None:
-        """Wait for the last request holding `key` (each ends by its deadline), then release."""
-        limit = asyncio.get_running_loop().time() + self.settings.request_timeout_s + 1.0
-        while self._in_use[key] > 0 and asyncio.get_running_loop().time() < limit:
-            await asyncio.sleep(0.01)
-        self.batcher.uninstall(key)
-        self._sessions.pop(key, None)
-        self._in_use.pop(key, None)
-
     async def classify(
         self,
         uploads: Sequence[Upload],
@@ -396,16 +191,13 @@ class Classifier:
         loop = asyncio.get_running_loop()
         deadline = (loop.time() if arrived is None else arrived) + timeout_s
         started = time.perf_counter()
-        target = self.repository.resolve(model, version)
-        metrics.note_model(target.name)
+        target = self.models.repository.resolve(model, version)
+        records.note_model(target.name)
         # Held until the answer is made: a reload releases a version's sessions only after.
-        self._in_use[target.key] += 1
-        try:
+        with self.models.holding(target.key):
             return await self._classify(
                 target, uploads, top_k, resize, rollout, heatmap, deadline, started
             )
-        finally:
-            self._in_use[target.key] -= 1
 
     async def _classify(
         self,
@@ -428,7 +220,7 @@ class Classifier:
             )
         prepared = await self._prepare_all(uploads, target.spec, resize, deadline)
         preprocessed = time.perf_counter()
-        metrics.note_preprocessed(len(prepared), preprocessed - started)
+        records.note_preprocessed(len(prepared), preprocessed - started)
         outputs = await self.batcher.infer(
             [(BatchKey(target.name, target.version, p.grid, rollout), p.patches) for p in prepared],
             deadline,
@@ -448,7 +240,7 @@ class Classifier:
             ]
         results = [
             ImageResult(
-                predictions=classify(output.logits, k, target.spec.labels),
+                predictions=predictions(output.logits, k, target.spec.labels),
                 image_size=p.image_size,
                 grid=p.grid,
                 resize=resize,
@@ -469,7 +261,7 @@ class Classifier:
         )
 
     def _check_rollout(self, target: ModelVersion, params: RolloutParams) -> None:
-        if self._sessions[target.key].rollout is None:
+        if not self.models.has_rollout(target.key):
             raise RolloutUnavailableError(
                 f"model '{target.name}' version {target.version} has no rollout graph "
                 f"({ROLLOUT_GRAPH_FILENAME}), so it cannot give rollout maps: re-export it with "

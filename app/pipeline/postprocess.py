@@ -31,6 +31,6 @@ def top_k(probs: NDArray[np.float64], k: int, labels: list[str]) -> list[Predict
     return [Prediction(label=labels[i], index=int(i), score=float(probs[i])) for i in order]
 
 
-def classify(logits: NDArray[np.floating], k: int, labels: list[str]) -> list[Prediction]:
+def predictions(logits: NDArray[np.floating], k: int, labels: list[str]) -> list[Prediction]:
     """One image's logits (num_classes,) -> its top-k predictions."""
     return top_k(softmax(logits), k, labels)

@@ -14,10 +14,11 @@ import logging
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeAlias
 
 from pydantic import ValidationError
 
-from app.spec import (
+from app.models.spec import (
     GRAPH_FILENAME,
     MODEL_NAME_PATTERN,
     ROLLOUT_GRAPH_FILENAME,
@@ -27,6 +28,9 @@ from app.spec import (
 )
 
 log = logging.getLogger(__name__)
+
+# A served model version: (model name, version). Batches, sessions and reloads are keyed by it.
+VersionKey: TypeAlias = tuple[str, int]
 
 _NAME = re.compile(MODEL_NAME_PATTERN)
 _VERSION = re.compile(r"0|[1-9][0-9]*")  # canonical only: "01", "+1" or "１" would alias a version
@@ -67,7 +71,7 @@ class ModelVersion:
         return self.spec.name
 
     @property
-    def key(self) -> tuple[str, int]:
+    def key(self) -> VersionKey:
         return (self.spec.name, self.version)
 
 
@@ -155,7 +159,7 @@ class Repository:
     def all_versions(self) -> list[ModelVersion]:
         return [v for entry in self.models.values() for v in entry.versions.values()]
 
-    def without(self, failed: dict[tuple[str, int], str]) -> Repository:
+    def without(self, failed: dict[VersionKey, str]) -> Repository:
         """This repository less the versions in `failed` (key -> reason), which become
         unavailable: a version whose sessions could not be made, or that keeps failing."""
         models: dict[str, ModelEntry] = {}

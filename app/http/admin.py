@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.auth import AdminKeyDep
-from app.api.deps import ClassifierDep
-from app.api.schemas import ErrorBody, NotReady, ReloadResponse
+from app.http.auth import AdminKeyDep
+from app.http.deps import ServiceDep
+from app.http.schemas import ErrorBody, NotReady, ReloadResponse
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -20,10 +20,10 @@ router = APIRouter(prefix="/admin", tags=["admin"])
         409: {"model": ErrorBody, "description": "the model repository cannot be read"},
     },
 )
-async def reload(_: AdminKeyDep, classifier: ClassifierDep) -> ReloadResponse:
+async def reload(_: AdminKeyDep, service: ServiceDep) -> ReloadResponse:
     """Scan the model repository and serve what it holds now: new and changed versions are
     loaded, warmed and swapped in; removed ones drain and are released. No request fails."""
-    report = await classifier.reload()
+    report = await service.models.reload()
     return ReloadResponse(
         loaded=report.loaded,
         unloaded=report.unloaded,

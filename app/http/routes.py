@@ -1,4 +1,4 @@
-"""HTTP routes: parse and validate the request, call the classifier, shape the answer."""
+"""HTTP routes: parse and validate the request, call the classify service, shape the answer."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from app.api.auth import API_KEY_SECURITY, check_api_key
-from app.api.deps import ClassifierDep, get_classifier
-from app.api.params import openapi_parameters, read_params
-from app.api.schemas import (
+from app.core.errors import NotReadyError
+from app.http.auth import API_KEY_SECURITY, check_api_key
+from app.http.deps import ServiceDep, get_service
+from app.http.params import openapi_parameters, read_params
+from app.http.schemas import (
     ClassifyResponse,
     ErrorBody,
     ModelInfo,
@@ -19,9 +20,8 @@ from app.api.schemas import (
     PreprocessInfo,
     Status,
 )
-from app.api.uploads import read_uploads
-from app.errors import NotReadyError
-from app.providers import TENSORRT, graph_form
+from app.http.uploads import read_uploads
+from app.models.providers import TENSORRT, graph_form
 
 router = APIRouter()
 
@@ -70,15 +70,15 @@ _BODY: dict[str, Any] = {
     openapi_extra={**_BODY, "parameters": openapi_parameters(), "security": API_KEY_SECURITY},
 )
 async def classify(request: Request) -> Response:
-    # The key, the classifier and the parameters are checked here, in that order, rather than
-    # declared for FastAPI to resolve: see app/api/params.py.
+    # The key, the service and the parameters are checked here, in that order, rather than
+    # declared for FastAPI to resolve: see app/http/params.py.
     arrived = asyncio.get_running_loop().time()
     check_api_key(request)  # before anything else: a refused request costs no work
-    classifier = await get_classifier(request)
+    service = await get_service(request)
     params = read_params(request)
-    with classifier.admission():
-        uploads = await read_uploads(request, classifier.settings)
-        result = await classifier.classify(
+    with service.admission():
+        uploads = await read_uploads(request, service.settings)
+        result = await service.classify(
             uploads,
             model=params.model,
             version=params.version,
@@ -102,45 +102,45 @@ async def healthz() -> Status:
 
 
 @router.get("/readyz", response_model=Status, responses={503: {"model": ErrorBody}})
-async def readyz(classifier: ClassifierDep) -> Status:
+async def readyz(service: ServiceDep) -> Status:
     """Loaded and warmed up, at least one model version serving, and not stopping.
 
     A model that cannot serve does not take the replica out of its load balancer: the others
     still serve, and GET /models says what is not ready and why.
     """
-    if not classifier.serving:
+    if not service.serving:
         raise NotReadyError(
             "no model can be served; GET /models lists each one's reason"
-            if classifier.repository.unavailable
+            if service.models.repository.unavailable
             else "the model repository is empty: add a model and reload"
         )
     return Status(status="ready")
 
 
 @router.get("/models", response_model=ModelsResponse)
-async def models(classifier: ClassifierDep) -> ModelsResponse:
-    repository = classifier.repository
+async def models(service: ServiceDep) -> ModelsResponse:
+    repository = service.models.repository
     infos = []
     for name, entry in sorted(repository.models.items()):
         spec = entry.spec
         arch = spec.architecture
-        provider = classifier.provider(entry)
+        provider = service.models.provider(entry)
         infos.append(
             ModelInfo(
                 name=name,
                 default=name == repository.default_model,
                 versions=sorted(entry.versions),
                 default_version=entry.default_version,
-                rollout_versions=classifier.rollout_versions(entry),
+                rollout_versions=service.models.rollout_versions(entry),
                 num_classes=arch.num_classes,
                 patch_size=arch.patch_size,
                 native_grid=arch.grid,
                 input_size=arch.input_size,
-                fit_max_tokens=classifier.fit_max_tokens(spec),
+                fit_max_tokens=service.fit_max_tokens(spec),
                 preprocess=PreprocessInfo.model_validate(spec.preprocess),
                 provider=provider,
                 optimization=graph_form(spec, entry.default_version),
-                tensorrt_fp16=classifier.settings.trt_fp16 if provider == TENSORRT else None,
+                tensorrt_fp16=service.settings.trt_fp16 if provider == TENSORRT else None,
             )
         )
     not_ready = [

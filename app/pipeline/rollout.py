@@ -13,16 +13,13 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from app.imaging import ImageDecodeError, ResizePlan, open_image, orient, to_rgb
-
-HeadFusion = Literal["mean", "max", "min"]
-HEAD_FUSIONS: tuple[HeadFusion, ...] = get_args(HeadFusion)
+from app.models.spec import HeadFusion
+from app.pipeline.imaging import ImageDecodeError, ResizePlan, open_image, orient, to_rgb
 
 RolloutMap = NDArray[np.float32]  # (grid_h, grid_w)
 
@@ -31,14 +28,6 @@ HEATMAP_ALPHA = 0.5  # weight of the colour over the photo inside the region the
 # at 500x313, 0.4 s against 1.3 s at 12 MP, for files 15-40% larger. It is drawn per request:
 # time matters more than bytes.
 PNG_COMPRESS_LEVEL = 1
-
-
-@dataclass(frozen=True)
-class RolloutParams:
-    """What a request asks of the rollout graph; equal params share a batch."""
-
-    head_fusion: HeadFusion = "mean"
-    discard_ratio: float = 0.0  # in [0, 1): the fraction of lowest attentions zeroed per block
 
 
 @dataclass(frozen=True)

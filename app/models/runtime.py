@@ -13,15 +13,14 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from app import providers as prov
-from app.providers import CPU as CPU  # re-exported: callers name providers from here too
-from app.providers import CUDA as CUDA
-from app.providers import GPU_PROVIDERS, Profile, TensorrtConfig
-from app.providers import TENSORRT as TENSORRT
-from app.repository import ModelVersion
-from app.rollout import RolloutParams
-from app.settings import Settings
-from app.spec import ModelSpec
+from app.core.settings import Settings
+from app.models import providers as prov
+from app.models.providers import CPU as CPU  # re-exported: callers name providers from here too
+from app.models.providers import CUDA as CUDA
+from app.models.providers import GPU_PROVIDERS, Profile, TensorrtConfig
+from app.models.providers import TENSORRT as TENSORRT
+from app.models.repository import ModelVersion
+from app.models.spec import ModelSpec, RolloutParams
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ def candidate_providers(requested: list[str] | None, takes_tensorrt: bool = Fals
 
     Without an explicit list: TensorRT, CUDA, CPU, as far as the driver, the libraries and
     this ONNX Runtime build allow. TensorRT only for a graph that `takes_tensorrt`
-    (`app.providers.takes_tensorrt`) and whose session is given TensorRT's options
+    (`app.models.providers.takes_tensorrt`) and whose session is given TensorRT's options
     (`execution_plan`): without explicit profiles it would rebuild its engine per new grid.
     """
     available = ort.get_available_providers()
@@ -155,7 +154,7 @@ def open_session(
     `spinning`: let ORT's intra-op threads spin-wait for work after each run. A benchmark of
     one session alone gains a little from it; a server loses more, because the spinning threads
     burn the cores that decoding and the event loop need between batches. `options`: per
-    provider (`app.providers.provider_options`).
+    provider (`app.models.providers.provider_options`).
     """
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = intra_op_threads
@@ -219,7 +218,7 @@ class OnnxBackend:
     """One InferenceSession for one model version's graph.
 
     On TensorRT, batches whose shape its profile leaves out (grids of images wider than 4:1,
-    see `app.providers.served_profile`) run on a second session of the same graph on the
+    see `app.models.providers.served_profile`) run on a second session of the same graph on the
     providers after TensorRT (CUDA), so no grid ever waits for an engine build or fails.
     """
 
@@ -299,7 +298,7 @@ class OnnxRolloutBackend:
         self.spec = spec
         contract = spec.rollout
         # The contract's order: inputs (patches, head_fusion, discard_ratio), outputs (logits,
-        # rollout); `app.spec.rollout_contract` writes them so.
+        # rollout); `app.models.spec.rollout_contract` writes them so.
         self._patches, self._fusion, self._ratio = (t.name for t in contract.inputs)
         self._outputs = [t.name for t in contract.outputs]
         self._fusion_index = {name: i for i, name in enumerate(contract.head_fusions)}

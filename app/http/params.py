@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.rollout import HeadFusion, RolloutParams
+from app.models.spec import HeadFusion, RolloutParams
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 

@@ -32,8 +32,10 @@ from typing import Literal, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from app.rollout import RolloutMap, RolloutParams
-from app.runtime import Backend, RolloutBackend
+from app.models.repository import VersionKey
+from app.models.runtime import Backend, RolloutBackend
+from app.models.spec import RolloutParams
+from app.pipeline.rollout import RolloutMap
 
 log = logging.getLogger(__name__)
 
@@ -155,27 +157,26 @@ class BatchObserver(Protocol):
 class Batcher:
     def __init__(
         self,
-        backends: Mapping[tuple[str, int], Backend],
+        lanes: Sequence[Mapping[VersionKey, Backend]],
         *,
-        rollout_backends: Mapping[tuple[str, int], RolloutBackend] | None = None,
+        rollout_backends: Mapping[VersionKey, RolloutBackend] | None = None,
         max_batch_size: int,
         max_batch_tokens: int,
         max_queue_images: int,
         max_queue_delay_ms: float = 0.0,
-        more_instances: Sequence[Mapping[tuple[str, int], Backend]] = (),
         thread_initializer: Callable[[], None] | None = None,
     ) -> None:
-        """`more_instances`: backends of further runtime instances, one mapping per instance;
-        `thread_initializer` runs first in each lane's inference thread.
+        """`lanes`: one mapping of backends per runtime instance, each serving the same
+        versions; `thread_initializer` runs first in each lane's inference thread.
 
         Rollout backends are shared by every lane: ONNX Runtime sessions take concurrent runs.
         """
+        if not lanes:
+            raise ValueError("a batcher needs at least one runtime instance")
         # Copies: `install` and `uninstall` change what is served while the batcher runs.
-        self._lanes: list[dict[tuple[str, int], Backend]] = [
-            dict(lane) for lane in (backends, *more_instances)
-        ]
+        self._lanes: list[dict[VersionKey, Backend]] = [dict(lane) for lane in lanes]
         self._backends = self._lanes[0]
-        if any(lane.keys() != backends.keys() for lane in self._lanes):
+        if any(lane.keys() != self._backends.keys() for lane in self._lanes):
             raise ValueError("every runtime instance must serve the same model versions")
         self.max_queue_delay_s = max_queue_delay_ms / 1e3
         self._rollout_backends = dict(rollout_backends or {})
@@ -217,7 +218,7 @@ class Batcher:
 
     def install(
         self,
-        version: tuple[str, int],
+        version: VersionKey,
         lanes: Sequence[Backend],
         rollout: RolloutBackend | None = None,
     ) -> None:
@@ -234,7 +235,7 @@ class Batcher:
         else:
             self._rollout_backends[version] = rollout
 
-    def uninstall(self, version: tuple[str, int]) -> None:
+    def uninstall(self, version: VersionKey) -> None:
         """Stop serving `version`; its queued items are answered NotServedError. Callers wait
         for its requests to drain first, so normally none are left."""
         for lane in self._lanes:
@@ -246,10 +247,10 @@ class Batcher:
                     if item.state is _State.QUEUED:
                         _answer(item, _not_served(key))
 
-    def serves(self, version: tuple[str, int]) -> bool:
+    def serves(self, version: VersionKey) -> bool:
         return version in self._backends
 
-    def backend(self, version: tuple[str, int]) -> Backend:
+    def backend(self, version: VersionKey) -> Backend:
         """The first runtime instance's backend of `version` (KeyError when not served)."""
         return self._backends[version]
 

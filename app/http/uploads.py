@@ -15,8 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from app.classifier import Upload
-from app.errors import (
+from app.core.errors import (
     BadRequestBodyError,
     BodyTimeoutError,
     NoImageError,
@@ -24,7 +23,8 @@ from app.errors import (
     TooManyImagesError,
     UnsupportedMediaTypeError,
 )
-from app.settings import Settings
+from app.core.settings import Settings
+from app.pipeline.service import Upload
 
 FIELD = "image"
 HOW_TO_SEND = (

@@ -1,4 +1,4 @@
-"""The try-it page at `/`: static HTML, CSS and JS from app/static, calling the same public API."""
+"""The try-it page at `/`: static HTML, CSS and JS from ./static, calling the same public API."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 
-STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 # Everything the page loads comes from this server: a stray CDN link would fail loudly in the
 # browser (and in the browser test) instead of quietly reaching out. Images are drawn from

@@ -9,8 +9,9 @@ never imports the export code.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -79,6 +80,17 @@ class Source(_Frozen):
 
 
 OptimizationLevel = Literal["none", "fused", "fp16"]
+
+HeadFusion = Literal["mean", "max", "min"]
+HEAD_FUSIONS: tuple[HeadFusion, ...] = get_args(HeadFusion)
+
+
+@dataclass(frozen=True)
+class RolloutParams:
+    """What a request asks of the rollout graph (its two scalar inputs); equal ones batch."""
+
+    head_fusion: HeadFusion = "mean"
+    discard_ratio: float = 0.0  # in [0, 1): the fraction of lowest attentions zeroed per block
 
 
 class GraphOptimization(_Frozen):

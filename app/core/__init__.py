@@ -1,0 +1,2 @@
+"""The bottom layer: settings, errors, logging, thread priority and request records; imports
+nothing else of the app."""

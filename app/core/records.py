@@ -1,0 +1,58 @@
+"""What one request learned on its way (its model, its preprocessing time, its error's kind).
+
+A context variable carries the record: the request middleware opens it, and the classify
+service and the error handlers fill it without knowing about HTTP or Prometheus. Imports
+nothing of the app, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+@dataclass
+class RequestRecord:
+    """What one request learned on its way, for the middleware to report when it ends."""
+
+    request_id: str
+    model: str = ""  # the model it resolved to; "" before (or without) resolution
+    images: int = 0
+    preprocess_s: float | None = None
+    error_reason: str | None = None
+
+
+_current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
+    "vit_serve_request", default=None
+)
+
+
+@contextmanager
+def request_scope(record: RequestRecord) -> Iterator[RequestRecord]:
+    """Make `record` the current request's for the code this block runs (and its tasks)."""
+    token = _current.set(record)
+    try:
+        yield record
+    finally:
+        _current.reset(token)
+
+
+def current_request() -> RequestRecord | None:
+    return _current.get()
+
+
+def note_model(name: str) -> None:
+    """The current request is for model `name` (a resolved name: bounded label values)."""
+    record = _current.get()
+    if record is not None:
+        record.model = name
+
+
+def note_preprocessed(images: int, seconds: float) -> None:
+    """The current request's images are decoded, resized and patchified."""
+    record = _current.get()
+    if record is not None:
+        record.images = images
+        record.preprocess_s = seconds
