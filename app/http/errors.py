@@ -25,7 +25,7 @@ from app.core.errors import (
     UnsupportedMediaTypeError,
 )
 from app.models.repository import ModelNotReadyError, RepositoryError, UnknownModelError
-from app.pipeline.batching import (
+from app.pipeline.batches import (
     DeadlineExceededError,
     InferenceError,
     NotServedError,

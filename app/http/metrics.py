@@ -28,7 +28,7 @@ from app.models.providers import graph_form
 
 if TYPE_CHECKING:
     from app.models.table import ModelTable
-    from app.pipeline.batching import BatchKey
+    from app.pipeline.batches import BatchKey
     from app.pipeline.service import ClassifyService
 
 NAMESPACE = "vit_serve"

@@ -27,78 +27,27 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from app.models.repository import VersionKey
 from app.models.runtime import Backend, RolloutBackend
-from app.models.spec import RolloutParams
-from app.pipeline.rollout import RolloutMap
+from app.pipeline.batches import (
+    BatchKey,
+    DeadlineExceededError,
+    InferenceError,
+    NotServedError,
+    Output,
+    OverloadedError,
+    ShuttingDownError,
+    not_served,
+    run_plain,
+    run_rollout,
+)
 
 log = logging.getLogger(__name__)
-
-Logits = NDArray[np.float32]
-Patches = NDArray[np.uint8]
-
-
-@dataclass(frozen=True)
-class Output:
-    """One image's answer from its batch."""
-
-    logits: Logits  # (num_classes,)
-    rollout: RolloutMap | None = None  # (grid_h, grid_w), for rollout keys only
-
-
-class BatchingError(Exception):
-    """An item could not be answered with logits; `message` says why, for a person."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class OverloadedError(BatchingError):
-    """The queue is full: refused at once rather than queued past any useful deadline."""
-
-
-class DeadlineExceededError(BatchingError):
-    """Still waiting for the inference thread when the request's deadline came."""
-
-
-class ShuttingDownError(BatchingError):
-    """The batcher is stopping and takes no new work."""
-
-
-class InferenceError(BatchingError):
-    """The backend failed on the batch this item was in."""
-
-
-class NotServedError(BatchingError):
-    """The model version is not (or no longer) served: a reload removed it."""
-
-
-def _not_served(key: BatchKey) -> NotServedError:
-    return NotServedError(
-        f"model '{key.model}' version {key.version} is not served (a reload removed it); retry"
-    )
-
-
-@dataclass(frozen=True)
-class BatchKey:
-    model: str
-    version: int
-    grid: tuple[int, int]  # (grid_h, grid_w)
-    rollout: RolloutParams | None = None  # None: the plain graph; else the rollout graph's inputs
-
-    @property
-    def graph(self) -> Literal["plain", "rollout"]:
-        return "plain" if self.rollout is None else "rollout"
-
-    @property
-    def tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
 
 
 class _State(enum.Enum):
@@ -125,27 +74,6 @@ def _answer(item: _Item, result: Output | BaseException) -> None:
         item.future.set_exception(result)
     else:
         item.future.set_result(result)
-
-
-def _check_rows(what: str, rows: int, items: int) -> None:
-    if rows != items:
-        raise ValueError(f"backend returned {rows} {what} rows for {items} items")
-
-
-# Both run in the inference thread: stacking copies megabytes, not for the event loop.
-def _run_plain(backend: Backend, patches: list[Patches]) -> list[Output]:
-    logits = backend.run(np.stack(patches))  # (B, grid_h, grid_w, P*P*C) -> (B, classes)
-    _check_rows("logits", logits.shape[0], len(patches))
-    return [Output(row) for row in logits]
-
-
-def _run_rollout(
-    backend: RolloutBackend, params: RolloutParams, patches: list[Patches]
-) -> list[Output]:
-    logits, maps = backend.run(np.stack(patches), params)  # (B, classes), (B, grid_h, grid_w)
-    _check_rows("logits", logits.shape[0], len(patches))
-    _check_rows("rollout", maps.shape[0], len(patches))
-    return [Output(row, rollout) for row, rollout in zip(logits, maps, strict=True)]
 
 
 class BatchObserver(Protocol):
@@ -245,7 +173,7 @@ class Batcher:
             if (key.model, key.version) == version:
                 for item in queue:
                     if item.state is _State.QUEUED:
-                        _answer(item, _not_served(key))
+                        _answer(item, not_served(key))
 
     def serves(self, version: VersionKey) -> bool:
         return version in self._backends
@@ -282,7 +210,7 @@ class Batcher:
             served = self._backends if key.rollout is None else self._rollout_backends
             if (key.model, key.version) not in served:
                 if key.rollout is None or (key.model, key.version) not in self._backends:
-                    raise _not_served(key)
+                    raise not_served(key)
                 raise NotServedError(
                     f"model '{key.model}' version {key.version} has no rollout graph"
                 )
@@ -423,13 +351,13 @@ class Batcher:
         rollout = self._rollout_backends.get(version)
         if plain is None or (key.rollout is not None and rollout is None):
             for item in batch:  # uninstalled while queued: `uninstall` normally answers these
-                _answer(item, _not_served(key))
+                _answer(item, not_served(key))
             return
         if key.rollout is None:
-            job = functools.partial(_run_plain, plain, patches)
+            job = functools.partial(run_plain, plain, patches)
         else:
             assert rollout is not None
-            job = functools.partial(_run_rollout, rollout, key.rollout, patches)
+            job = functools.partial(run_rollout, rollout, key.rollout, patches)
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:

@@ -31,7 +31,8 @@ from app.core.settings import Settings
 from app.models.repository import ModelVersion
 from app.models.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec, RolloutParams
 from app.models.table import ModelTable
-from app.pipeline.batching import Batcher, BatchKey, DeadlineExceededError, OverloadedError
+from app.pipeline.batches import BatchKey, DeadlineExceededError, OverloadedError
+from app.pipeline.batching import Batcher
 from app.pipeline.imaging import (
     FORMATS_HINT,
     ImageDecodeError,

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from app.pipeline.batching import (
-    Batcher,
+from app.pipeline.batches import (
     BatchKey,
     DeadlineExceededError,
     InferenceError,
@@ -20,6 +19,7 @@ from app.pipeline.batching import (
     OverloadedError,
     ShuttingDownError,
 )
+from app.pipeline.batching import Batcher
 
 pytestmark = pytest.mark.anyio
 

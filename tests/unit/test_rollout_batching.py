@@ -12,14 +12,14 @@ import pytest
 from numpy.typing import NDArray
 
 from app.models.spec import RolloutParams
-from app.pipeline.batching import (
-    Batcher,
+from app.pipeline.batches import (
     BatchKey,
     DeadlineExceededError,
     InferenceError,
     NotServedError,
     Output,
 )
+from app.pipeline.batching import Batcher
 
 pytestmark = pytest.mark.anyio
 

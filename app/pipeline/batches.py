@@ -1,0 +1,95 @@
+"""What the batcher takes and gives: batch keys, each image's output, and why an image failed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from app.models.runtime import Backend, RolloutBackend
+from app.models.spec import RolloutParams
+from app.pipeline.rollout import RolloutMap
+
+Logits = NDArray[np.float32]
+Patches = NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class Output:
+    """One image's answer from its batch."""
+
+    logits: Logits  # (num_classes,)
+    rollout: RolloutMap | None = None  # (grid_h, grid_w), for rollout keys only
+
+
+class BatchingError(Exception):
+    """An item could not be answered with logits; `message` says why, for a person."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class OverloadedError(BatchingError):
+    """The queue is full: refused at once rather than queued past any useful deadline."""
+
+
+class DeadlineExceededError(BatchingError):
+    """Still waiting for the inference thread when the request's deadline came."""
+
+
+class ShuttingDownError(BatchingError):
+    """The batcher is stopping and takes no new work."""
+
+
+class InferenceError(BatchingError):
+    """The backend failed on the batch this item was in."""
+
+
+class NotServedError(BatchingError):
+    """The model version is not (or no longer) served: a reload removed it."""
+
+
+def not_served(key: BatchKey) -> NotServedError:
+    return NotServedError(
+        f"model '{key.model}' version {key.version} is not served (a reload removed it); retry"
+    )
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    model: str
+    version: int
+    grid: tuple[int, int]  # (grid_h, grid_w)
+    rollout: RolloutParams | None = None  # None: the plain graph; else the rollout graph's inputs
+
+    @property
+    def graph(self) -> Literal["plain", "rollout"]:
+        return "plain" if self.rollout is None else "rollout"
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def _check_rows(what: str, rows: int, items: int) -> None:
+    if rows != items:
+        raise ValueError(f"backend returned {rows} {what} rows for {items} items")
+
+
+# Both run in the inference thread: stacking copies megabytes, not for the event loop.
+def run_plain(backend: Backend, patches: list[Patches]) -> list[Output]:
+    logits = backend.run(np.stack(patches))  # (B, grid_h, grid_w, P*P*C) -> (B, classes)
+    _check_rows("logits", logits.shape[0], len(patches))
+    return [Output(row) for row in logits]
+
+
+def run_rollout(
+    backend: RolloutBackend, params: RolloutParams, patches: list[Patches]
+) -> list[Output]:
+    logits, maps = backend.run(np.stack(patches), params)  # (B, classes), (B, grid_h, grid_w)
+    _check_rows("logits", logits.shape[0], len(patches))
+    _check_rows("rollout", maps.shape[0], len(patches))
+    return [Output(row, rollout) for row, rollout in zip(logits, maps, strict=True)]
