@@ -15,7 +15,6 @@ and its 1e-5 bound.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from app.models.repository import sha256_of
 from app.models.spec import (
     GRAPH_FILENAME,
     ROLLOUT_GRAPH_FILENAME,
@@ -203,14 +203,6 @@ def check_rollout_parity(
                 worst = max(worst, float(np.abs(expected.numpy() - got).max()))
         report.max_abs_diff[f"{gh}x{gw}"] = worst
     return report
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_spec(

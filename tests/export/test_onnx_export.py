@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from app.models.repository import sha256_of
 from app.models.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec, Preprocess, Source
 from export.onnx_export import (
     ParityError,
@@ -16,7 +17,6 @@ from export.onnx_export import (
     export_graph,
     export_to_repository,
     parity_grids,
-    sha256_of,
 )
 from export.vit import VisionTransformer, ViTConfig
 
