@@ -196,6 +196,10 @@ class SourceTensors:
                 return self.left.pop(name).detach().to(torch.float32).clone()
         raise UnsupportedCheckpointError(f"{self.what}: missing {' or '.join(names)}")
 
+    def take_layer(self, ours: str, *names: str) -> dict[str, Tensor]:
+        """A layer's weight and bias under our name `ours`, from the first of `names` present."""
+        return {f"{ours}.{p}": self.take(*(f"{n}.{p}" for n in names)) for p in ("weight", "bias")}
+
     def take_optional(self, *names: str) -> Tensor | None:
         return self.take(*names) if self.has(*names) else None
 

@@ -209,12 +209,9 @@ def load_hf(directory: Path) -> LoadedViT:
             ("fc1", (f"{old}.intermediate.dense", f"{new}.mlp.fc1")),
             ("fc2", (f"{old}.output.dense", f"{new}.mlp.fc2")),
         ):
-            for param in ("weight", "bias"):
-                mapped[f"{ours[part]}.{param}"] = src.take(*(f"{n}.{param}" for n in names))
-    mapped["norm.weight"] = src.take("vit.layernorm.weight")
-    mapped["norm.bias"] = src.take("vit.layernorm.bias")
-    mapped["head.weight"] = src.take("classifier.weight")
-    mapped["head.bias"] = src.take("classifier.bias")
+            mapped.update(src.take_layer(ours[part], *names))
+    mapped.update(src.take_layer("norm", "vit.layernorm"))
+    mapped.update(src.take_layer("head", "classifier"))
     src.finish()
 
     num_classes = mapped["head.weight"].shape[0]

@@ -246,10 +246,8 @@ def from_timm_model(model: Any, checkpoint: str = "") -> LoadedViT:
             if bias is not None:
                 mapped[f"{ours[part]}.bias"] = bias
     final = "norm" if src.has("norm.weight") else "fc_norm"
-    mapped["norm.weight"] = src.take(f"{final}.weight")
-    mapped["norm.bias"] = src.take(f"{final}.bias")
-    mapped["head.weight"] = src.take("head.weight")
-    mapped["head.bias"] = src.take("head.bias")
+    mapped.update(src.take_layer("norm", final))
+    mapped.update(src.take_layer("head", "head"))
     src.finish()
     ours_model = assemble(cfg, mapped)
 

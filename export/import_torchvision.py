@@ -164,12 +164,9 @@ def load_torchvision(
             ("fc1", (f"{theirs}.mlp.0", f"{theirs}.mlp.linear_1")),
             ("fc2", (f"{theirs}.mlp.3", f"{theirs}.mlp.linear_2")),
         ):
-            for param in ("weight", "bias"):
-                mapped[f"{ours[part]}.{param}"] = src.take(*(f"{n}.{param}" for n in names))
-    mapped["norm.weight"] = src.take("encoder.ln.weight")
-    mapped["norm.bias"] = src.take("encoder.ln.bias")
-    mapped["head.weight"] = src.take("heads.head.weight")
-    mapped["head.bias"] = src.take("heads.head.bias")
+            mapped.update(src.take_layer(ours[part], *names))
+    mapped.update(src.take_layer("norm", "encoder.ln"))
+    mapped.update(src.take_layer("head", "heads.head"))
     src.finish()
 
     image_size = side * P
