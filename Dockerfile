@@ -1,26 +1,42 @@
 # syntax=docker/dockerfile:1
 # The serving image: the service and ONNX Runtime, no PyTorch (the export step runs elsewhere).
-#   docker build -t vit-serve:gpu .                            CUDA + cuDNN base, onnxruntime-gpu
-#   docker build -t vit-serve:cpu --build-arg VARIANT=cpu .    plain Ubuntu base, onnxruntime
+#   docker build -t vit-serve:gpu .                            CUDA 13 + cuDNN 9 + TensorRT 10
+#   docker build -t vit-serve:cpu --build-arg VARIANT=cpu .    Debian bookworm-slim, CPU only
 # The bundled model repository is baked in at /srv/model_repo; mount another one over it (or
 # set VIT_SERVE_MODEL_REPO) to serve your own models.
+#
+# The two variants differ in exactly two things, the build args below: the base image and the
+# wheels that bring ONNX Runtime (the GPU one also brings the TensorRT libraries its TensorRT
+# provider links against). Every instruction after them is shared.
 
 ARG VARIANT=gpu
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
-ARG CPU_IMAGE=ubuntu:24.04
+# The ONNX Runtime release, the same as pyproject.toml's pin (tests/integration checks it).
+ARG ORT_VERSION=1.31.1
+
+# GPU: onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9 (its build_and_package_info.py;
+# its CUDA provider needs libcublas.so.13 and libcudart.so.13), which this base provides. Its
+# TensorRT provider needs libnvinfer.so.10 and libnvonnxparser.so.10: TensorRT 10, pinned
+# (an unpinned tensorrt-cu13-libs brings TensorRT 11, libnvinfer.so.11). NVIDIA serves those
+# wheels from its own index; the one on PyPI only points there.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+ARG GPU_WHEELS="onnxruntime-gpu==${ORT_VERSION} tensorrt-cu13-libs==10.16.1.11"
+# CPU: the ONNX Runtime CPU wheel, installed directly (never the GPU wheel, then swapped). On
+# Debian's slim image: the same distribution a test here builds it on (scripts/container-base).
+ARG CPU_IMAGE=debian:bookworm-slim
+ARG CPU_WHEELS="onnxruntime==${ORT_VERSION}"
 
 FROM ${CUDA_IMAGE} AS base-gpu
 FROM ${CPU_IMAGE} AS base-cpu
 
-# Everything below is shared; the variants differ in the base image and the ONNX Runtime wheel.
+# Everything below is shared.
 # (base-gpu and base-cpu are the stages above, each a tagged image.)
 # hadolint ignore=DL3006
 FROM base-${VARIANT} AS base
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-# Ubuntu's Python and certificates only; the distribution's own packages, not pinned: they
-# change with the base image's tag, which is what pins them.
+# The distribution's Python and certificates; its own packages, not pinned: they change with
+# the base image's tag, which is what pins them.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 ca-certificates \
@@ -28,6 +44,8 @@ RUN apt-get update \
 
 FROM base AS builder
 ARG VARIANT
+ARG GPU_WHEELS
+ARG CPU_WHEELS
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-venv \
@@ -35,22 +53,33 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY app ./app
-# The project without extras: the `export` extra (PyTorch) never enters this image, and the
-# last line fails the build if anything pulled torch in. The CPU variant swaps the GPU wheel
-# of ONNX Runtime for the CPU one (the same `onnxruntime` module, a tenth of the size).
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN pip install --no-cache-dir . \
-    && if [ "$VARIANT" = cpu ]; then \
-         pip uninstall -y onnxruntime-gpu \
-         && pip install --no-cache-dir "onnxruntime>=1.20"; \
-       fi \
-    && if pip show torch >/dev/null 2>&1; then echo "torch in the serving image" >&2; exit 1; fi
+# The project's dependencies but ONNX Runtime, then the variant's wheels (one layer, rebuilt
+# only when pyproject.toml changes). The `export` extra (PyTorch) never enters this image.
+COPY pyproject.toml ./
+RUN case "$VARIANT" in gpu) wheels=$GPU_WHEELS ;; cpu) wheels=$CPU_WHEELS ;; \
+      *) echo "VARIANT must be gpu or cpu, not '$VARIANT'" >&2; exit 1 ;; esac \
+    && python -c 'import tomllib; print("\n".join(d for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if not d.startswith("onnxruntime")))' >requirements.txt \
+    && tr ' ' '\n' <<<"$wheels" >>requirements.txt \
+    && pip install --no-cache-dir -r requirements.txt
+# Then the project, without its dependencies. The build fails if anything pulled torch in or
+# left more than one ONNX Runtime; pip and setuptools are not needed to serve.
+COPY README.md ./
+COPY app ./app
+RUN pip install --no-cache-dir --no-deps . \
+    && if pip show torch >/dev/null 2>&1; then echo "torch in the serving image" >&2; exit 1; fi \
+    && if [ "$(pip list --format=freeze | grep -c '^onnxruntime')" != 1 ]; then \
+         echo "not exactly one ONNX Runtime in the serving image" >&2; exit 1; fi \
+    && pip uninstall -y pip setuptools
+# Shared libraries that wheels bring beside their Python packages (TensorRT's, in the GPU
+# variant), for the dynamic loader: ONNX Runtime's providers link against them by SONAME.
+RUN python -c 'import pathlib, sysconfig; site = pathlib.Path(sysconfig.get_paths()["purelib"]); print("\n".join(str(p) for p in sorted(site.glob("tensorrt_libs"))))' >/opt/venv/ld.so.conf
 
 FROM base AS runtime
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin vit-serve
 COPY --from=builder /opt/venv /opt/venv
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin vit-serve \
+    && ln -s /opt/venv/ld.so.conf /etc/ld.so.conf.d/zz-vit-serve-wheels.conf \
+    && ldconfig
 COPY model_repo /srv/model_repo
 ENV PATH=/opt/venv/bin:$PATH \
     VIT_SERVE_MODEL_REPO=/srv/model_repo \
@@ -58,8 +87,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     VIT_SERVE_PORT=8000 \
     VIT_SERVE_FORWARDED_ALLOW_IPS=* \
     VIT_SERVE_LOG_FORMAT=json
+# ONNX Runtime's own telemetry off: a server has no business phoning home, and its one line
+# about the device ID it cannot keep (the user has no home) is the only one not in JSON.
+ENV ORT_DISABLE_TELEMETRY=1
 WORKDIR /srv
-# Numeric, so Kubernetes' runAsNonRoot can check it.
+# Numeric, so Kubernetes' runAsNonRoot can check it. The root filesystem may be read-only:
+# the service writes only below /tmp (TensorRT's engine cache), which should then be a tmpfs.
 USER 10001
 EXPOSE 8000
 # Ready: models loaded and warmed up, and not draining for shutdown.
