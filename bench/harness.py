@@ -297,14 +297,17 @@ class Server:
         )
 
 
-def wait_ready(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+def wait_ready(
+    port: int, process: subprocess.Popen[bytes], timeout_s: float, path: str = "/readyz"
+) -> None:
+    """Until `path` answers 200; an error when the process exits or the time runs out."""
     stop_at = time.monotonic() + timeout_s
     while time.monotonic() < stop_at:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode}")
         conn = http.client.HTTPConnection(HOST, port, timeout=5)
         try:
-            conn.request("GET", "/readyz")
+            conn.request("GET", path)
             if conn.getresponse().status == 200:
                 return
         except (OSError, http.client.HTTPException):
