@@ -12,8 +12,15 @@ source library is installed the mapping is first checked against the library's o
 at the native size. The graph is then parity-checked against PyTorch at several grids before
 anything is written. `--optimize` picks the form of model.onnx: `fused` (the default: fused
 attention, LayerNormalization and BiasGelu, a last block computing only the class token; fp32,
-within the same parity bound), `none` (as traced) or `fp16` (fused, float16 inside, float32
-logits; checked against the fused fp32 graph by top-1 agreement and a max-abs bound).
+within the same parity bound), `none` (as traced), `fp16` (fused, float16 inside, float32
+logits; checked against the fused fp32 graph by top-1 agreement and a max-abs bound) or `int8`
+(fused, int8 matrix products; written only if it passes its accuracy gate against the fused
+fp32 graph on held-out inputs: top-1 agreement >= 99%, and for the demo model held-out accuracy
+within 0.5 points; export/quantize.py):
+
+    python -m export --checkpoint export/demo/checkpoint.pt --name demo-shapes --optimize int8
+    python -m export --timm vit_small_patch16_224 --pretrained --name vit-s16 --optimize int8 \
+        --held-out-photos ../shared/testdata/photos
 """
 
 from __future__ import annotations
@@ -39,10 +46,22 @@ from export.onnx_export import (
     DEFAULT_OPTIMIZATION,
     PARITY_ATOL,
     ParityError,
+    build_spec,
     export_to_repository,
+)
+from export.quantize import (
+    MAX_ACCURACY_DROP,
+    MIN_AGREEMENT,
+    Gate,
+    HeldOut,
+    Int8GateError,
+    demo_held_out,
+    photo_held_out,
 )
 
 log = logging.getLogger("export")
+
+DEFAULT_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "photos"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,7 +107,36 @@ def _parser() -> argparse.ArgumentParser:
         choices=get_args(OptimizationLevel),
         default=DEFAULT_OPTIMIZATION,
         help="model.onnx as traced (none), with fused ONNX Runtime ops (fused), or fused and "
-        f"float16 inside with float32 logits (fp16); default: {DEFAULT_OPTIMIZATION}",
+        f"float16 inside with float32 logits (fp16), or fused with int8 matrix products "
+        f"(int8, past an accuracy gate); default: {DEFAULT_OPTIMIZATION}",
+    )
+    p.add_argument(
+        "--held-out",
+        choices=["auto", "demo", "photos"],
+        default="auto",
+        help="int8: the gate's held-out inputs: the demo generator's evaluation split "
+        "(labelled), or photos through the service's preprocessing; auto: demo for a model "
+        "with the demo's classes, photos otherwise",
+    )
+    p.add_argument(
+        "--held-out-photos",
+        type=Path,
+        default=DEFAULT_PHOTOS,
+        metavar="DIR",
+        help=f"int8: folder of held-out photos (default: {DEFAULT_PHOTOS})",
+    )
+    p.add_argument(
+        "--int8-min-agreement",
+        type=float,
+        default=MIN_AGREEMENT,
+        help=f"int8 gate: least top-1 agreement with fp32 (default {MIN_AGREEMENT})",
+    )
+    p.add_argument(
+        "--int8-max-accuracy-drop",
+        type=float,
+        default=MAX_ACCURACY_DROP,
+        help="int8 gate, labelled inputs: most accuracy lost against fp32, as a fraction "
+        f"(default {MAX_ACCURACY_DROP})",
     )
     p.add_argument(
         "--no-source-check",
@@ -108,6 +156,21 @@ def load(args: argparse.Namespace) -> LoadedViT:
     if args.weights is None:
         raise ValueError("--torchvision needs --weights (a state dict file)")
     return load_torchvision(args.torchvision, args.weights, args.heads, args.tv_weights)
+
+
+def held_out_inputs(args: argparse.Namespace, loaded: LoadedViT) -> HeldOut:
+    """The int8 gate's inputs for this model, as `--held-out` asks."""
+    from export.demo.shapes import CLASSES
+
+    spec = build_spec(
+        args.name, loaded.model, loaded.labels, loaded.preprocess, Source(framework="-"), {}
+    )
+    kind = args.held_out
+    if kind == "auto":
+        kind = "demo" if tuple(loaded.labels) == CLASSES else "photos"
+    if kind == "demo":
+        return demo_held_out(spec)
+    return photo_held_out(spec, args.held_out_photos)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         else:
             log.info("mapping matches %s's own forward: max |diff| %.2e", loaded.framework, diff)
+    held_out = None
+    if args.optimize == "int8":
+        try:
+            held_out = held_out_inputs(args, loaded)
+        except (ValueError, FileNotFoundError) as e:
+            log.error("int8 gate: %s", e)
+            return 1
     try:
         result = export_to_repository(
             loaded.model,
@@ -156,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             version=args.version,
             atol=args.atol,
             optimize=args.optimize,
+            held_out=held_out,
+            gate=Gate(args.int8_min_agreement, args.int8_max_accuracy_drop),
         )
-    except ParityError as e:
+    except (ParityError, Int8GateError) as e:
         log.error("%s", e)
         return 1
     worst = result.parity.worst

@@ -51,6 +51,7 @@ from export.optimize import (
     has_class_token_tail,
     to_fp16,
 )
+from export.quantize import Gate, HeldOut, int8_op_counts, stage_int8
 from export.rollout import HeadFusion, RolloutViT
 from export.vit import VisionTransformer
 
@@ -262,8 +263,13 @@ def stage_graph(
     level: OptimizationLevel,
     grids: list[tuple[int, int]],
     atol: float = PARITY_ATOL,
+    held_out: HeldOut | None = None,
+    gate: Gate | None = None,
 ) -> StagedGraph:
     """Export model.onnx as `level` asks into `staging` and check it; ParityError if it fails.
+
+    `int8` quantises the fused graph and needs `held_out` inputs for its accuracy `gate`
+    (export/quantize.py; Int8GateError if it fails).
 
     Every form's fp32 graph meets the same `atol` against PyTorch at `grids` (the fused graph's
     shapes stay symbolic, so the grids are the proof that fusing baked none in); the fp16
@@ -288,6 +294,21 @@ def stage_graph(
             level="fused", fused_ops=counts, class_token_tail=tail, max_abs_diff=parity.worst
         )
         return StagedGraph(fused, parity, done)
+    if level == "int8":
+        if held_out is None:
+            raise ValueError("an int8 export needs held-out inputs for its accuracy gate")
+        int8 = staging / "int8.onnx"
+        record = stage_int8(
+            fused, int8, held_out, grids, model.cfg.patch_dim, model.cfg.num_classes, gate
+        )
+        done = GraphOptimization(
+            level="int8",
+            fused_ops=int8_op_counts(int8),
+            class_token_tail=tail,
+            max_abs_diff=record.max_abs_logit_diff,
+            int8=record,
+        )
+        return StagedGraph(int8, parity, done)
     half = staging / "fp16.onnx"
     to_fp16(fused, half)
     report = check_fp16(fused, half, grids, model.cfg.patch_dim)
@@ -333,6 +354,8 @@ def export_to_repository(
     version: int | None = None,
     atol: float = PARITY_ATOL,
     optimize: OptimizationLevel = DEFAULT_OPTIMIZATION,
+    held_out: HeldOut | None = None,
+    gate: Gate | None = None,
 ) -> ExportResult:
     """Export, check parity at several grids, then write `<repo>/<name>/{model.json,<v>/...}`.
 
@@ -348,7 +371,7 @@ def export_to_repository(
     with tempfile.TemporaryDirectory() as tmp:
         staged_rollout = Path(tmp) / ROLLOUT_GRAPH_FILENAME
         grids = parity_grids(model.cfg.grid)
-        staged = stage_graph(model, Path(tmp), optimize, grids, atol=atol)
+        staged = stage_graph(model, Path(tmp), optimize, grids, atol, held_out, gate)
         export_rollout_graph(model.folded(), staged_rollout)
         rollout_parity = check_rollout_parity(model, staged_rollout, grids)
         _log_and_check("rollout", rollout_parity)

@@ -140,6 +140,7 @@ async def models(service: ServiceDep) -> ModelsResponse:
                 preprocess=PreprocessInfo.model_validate(spec.preprocess),
                 provider=provider,
                 optimization=graph_form(spec, entry.default_version),
+                version_optimization={v: graph_form(spec, v) for v in sorted(entry.versions)},
                 tensorrt_fp16=service.settings.trt_fp16 if provider == TENSORRT else None,
             )
         )

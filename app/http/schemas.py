@@ -73,10 +73,14 @@ class ModelInfo(_Schema):
     fit_max_tokens: int = Field(description="token cap of the `fit` resize policy")
     preprocess: PreprocessInfo
     provider: str = Field(description="ONNX Runtime execution provider in use")
-    optimization: Literal["none", "fused", "fp16"] = Field(
+    optimization: Literal["none", "fused", "fp16", "int8"] = Field(
         default="none",
         description="the default version's graph form (model.json versions.<n>.optimization): "
-        "none as traced (what TensorRT takes), fused with ONNX Runtime's operators, fp16",
+        "none as traced (what TensorRT takes), fused with ONNX Runtime's operators, fp16, int8 "
+        "(int8 matrix products, past an accuracy gate at export)",
+    )
+    version_optimization: dict[int, Literal["none", "fused", "fp16", "int8"]] = Field(
+        default_factory=dict, description="each version's graph form (fp32 and int8 side by side)"
     )
     tensorrt_fp16: bool | None = Field(
         default=None,

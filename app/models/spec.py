@@ -79,7 +79,7 @@ class Source(_Frozen):
     notes: str = ""
 
 
-OptimizationLevel = Literal["none", "fused", "fp16"]
+OptimizationLevel = Literal["none", "fused", "fp16", "int8"]
 
 HeadFusion = Literal["mean", "max", "min"]
 HEAD_FUSIONS: tuple[HeadFusion, ...] = get_args(HeadFusion)
@@ -93,6 +93,25 @@ class RolloutParams:
     discard_ratio: float = 0.0  # in [0, 1): the fraction of lowest attentions zeroed per block
 
 
+class Int8Gate(_Frozen):
+    """The int8 graph against the fused fp32 graph on held-out inputs, measured at export.
+
+    The export writes an int8 graph only when it passed: top-1 agreement at least
+    `min_agreement` and, where the inputs are labelled, accuracy at most `max_accuracy_drop`
+    below the fp32 graph's.
+    """
+
+    method: str = Field(description="how the graph was quantised")
+    held_out: str = Field(description="the held-out inputs the gate ran on")
+    inputs: int = Field(gt=0)
+    top1_agreement: float = Field(description="share of inputs with the fp32 graph's top-1")
+    max_abs_logit_diff: float = Field(description="worst |logit_int8 - logit_fp32|")
+    accuracy_fp32: float | None = Field(default=None, description="labelled inputs only")
+    accuracy_int8: float | None = Field(default=None, description="labelled inputs only")
+    min_agreement: float
+    max_accuracy_drop: float | None = None
+
+
 class GraphOptimization(_Frozen):
     """What the export step did to model.onnx after tracing it (model.rollout.onnx: nothing).
 
@@ -104,7 +123,7 @@ class GraphOptimization(_Frozen):
         default="none",
         description="none: as traced, fp32; fused: ONNX Runtime fused ops (attention, "
         "LayerNormalization, BiasGelu) and unread rows left out, fp32; fp16: fused, float16 "
-        "inside",
+        "inside; int8: fused, int8 weights and activations in the matrix products",
     )
     fused_ops: dict[str, int] = Field(
         default_factory=dict, description="fused operator type -> nodes in the graph"
@@ -118,6 +137,9 @@ class GraphOptimization(_Frozen):
         default=None,
         description="worst |logit - PyTorch's| over the parity grids (fp16: against the "
         "fused fp32 graph)",
+    )
+    int8: Int8Gate | None = Field(
+        default=None, description="int8 only: the accuracy gate the graph passed at export"
     )
 
 
