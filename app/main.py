@@ -18,6 +18,7 @@ from app.http.metrics import Metrics
 from app.http.middleware import Lifecycle, RequestMiddleware, install_metrics
 from app.http.page import install_page
 from app.http.routes import router
+from app.http.v2.rest import router as v2_router
 from app.models.sessions import BackendFactory, RolloutBackendFactory
 from app.models.table import ModelTable
 from app.pipeline.imaging import configure_pillow
@@ -80,6 +81,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(v2_router)
     install_page(app)
     app.state.settings = settings  # the access checks read it (app/http/auth.py)
     app.state.metrics = metrics

@@ -38,6 +38,11 @@ class RolloutUnavailableError(RequestError):
     """A rollout map asked of a model version exported without its rollout graph."""
 
 
+class InvalidInputError(RequestError):
+    """A tensor that does not fit the model or the protocol (name, type, shape, size, data); the
+    Open Inference Protocol's front doors answer it 400 (INVALID_ARGUMENT over gRPC)."""
+
+
 class InvalidParameterError(RequestError):
     """A query parameter outside what the settings or the model allow."""
 

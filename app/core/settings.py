@@ -146,6 +146,15 @@ class Settings(BaseSettings):
     # The HTTP server (python -m app.server).
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="the Open Inference Protocol's gRPC service listens here, on `host`, in the "
+        "same process and event loop (Triton's port is 8001); 0: any free port; None: no gRPC "
+        "server (the default: a port opens only where it is asked for, so several servers and "
+        "test apps on one machine never collide)",
+    )
     backlog: int = Field(
         default=4096,
         gt=0,

@@ -2,8 +2,10 @@
 
 `ClassifyService.classify` resolves the model version in the model table, preprocesses in a
 bounded thread pool, queues the patch grids on the batcher and turns logits into top-k answers,
-all under one deadline per request. It also admits requests (`admission`): one place each, from
-before the body is read until the answer.
+all under one deadline per request. `ClassifyService.infer` does the same for the Open Inference
+Protocol's front doors, which send encoded images or ready patch grids and want the raw tensors
+back (logits, rollout maps). It also admits requests (`admission`): one place each, from before
+the body is read until the answer.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
+from numpy.typing import NDArray
+
 from app.core import records
 from app.core.errors import (
     BusyError,
+    InvalidInputError,
     InvalidParameterError,
     RolloutUnavailableError,
     TooManyImagesError,
@@ -79,6 +85,18 @@ class Classification:
     model: str
     version: int
     results: list[ImageResult]
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class Inference:
+    """A request's raw outputs (`ClassifyService.infer`), in the order of its images."""
+
+    model: str
+    version: int
+    logits: NDArray[np.float32]  # (N, num_classes)
+    grids: list[tuple[int, int]]  # (grid_h, grid_w) per image
+    rollouts: list[RolloutMap] | None  # per image, scaled to a peak of 1; when asked for
     timing: Timing
 
 
@@ -185,12 +203,7 @@ class ClassifyService:
         the request came in, on the event loop's clock (default: now); the deadline counts from
         it, so the time its body took to arrive is part of it.
         """
-        timeout_s = self.settings.request_timeout_s
-        if timeout_ms is not None:
-            timeout_s = min(timeout_s, timeout_ms / 1e3)
-        # Deadlines run on the loop's clock; timings on perf_counter (uvloop's clock ticks in ms).
-        loop = asyncio.get_running_loop()
-        deadline = (loop.time() if arrived is None else arrived) + timeout_s
+        deadline = self._deadline(timeout_ms, arrived)
         started = time.perf_counter()
         target = self.models.repository.resolve(model, version)
         records.note_model(target.name)
@@ -199,6 +212,112 @@ class ClassifyService:
             return await self._classify(
                 target, uploads, top_k, resize, rollout, heatmap, deadline, started
             )
+
+    def _deadline(self, timeout_ms: float | None, arrived: float | None) -> float:
+        timeout_s = self.settings.request_timeout_s
+        if timeout_ms is not None:
+            timeout_s = min(timeout_s, timeout_ms / 1e3)
+        # Deadlines run on the loop's clock; timings on perf_counter (uvloop's clock ticks in ms).
+        loop = asyncio.get_running_loop()
+        return (loop.time() if arrived is None else arrived) + timeout_s
+
+    async def infer(
+        self,
+        images: Sequence[Upload] | NDArray[np.uint8],
+        *,
+        model: str | None = None,
+        version: int | None = None,
+        resize: ResizePolicy = "crop",
+        rollout: RolloutParams | None = None,
+        timeout_ms: float | None = None,
+        arrived: float | None = None,
+    ) -> Inference:
+        """Encoded images (preprocessed as `classify` does them, with `resize`), or patch grids
+        already made, uint8 (N, grid_h, grid_w, P*P*C) as the graph takes them, through the same
+        queue, batcher and deadline as `classify`; the raw logits (and rollout maps) back.
+
+        The caller holds a place from `admission`, as for `classify`.
+        """
+        deadline = self._deadline(timeout_ms, arrived)
+        started = time.perf_counter()
+        target = self.models.repository.resolve(model, version)
+        records.note_model(target.name)
+        with self.models.holding(target.key):
+            if rollout is not None:
+                self._check_rollout(target, rollout)
+            if isinstance(images, np.ndarray):
+                grids = self._check_patches(images, target)
+                patches: Sequence[NDArray[np.uint8]] = list(images)
+                record = records.current_request()
+                if record is not None:
+                    record.images = len(patches)
+            else:
+                self._check_count(len(images))
+                if not images:
+                    raise InvalidInputError("the request holds no image")
+                prepared = await self._prepare_all(images, target.spec, resize, deadline)
+                records.note_preprocessed(len(prepared), time.perf_counter() - started)
+                grids = [p.grid for p in prepared]
+                patches = [p.patches for p in prepared]
+            preprocessed = time.perf_counter()
+            outputs = await self.batcher.infer(
+                [
+                    (BatchKey(target.name, target.version, grid, rollout), p)
+                    for grid, p in zip(grids, patches, strict=True)
+                ],
+                deadline,
+            )
+            inferred = time.perf_counter()
+            return Inference(
+                model=target.name,
+                version=target.version,
+                logits=np.stack([output.logits for output in outputs]).astype(np.float32),
+                grids=grids,
+                rollouts=(
+                    None if rollout is None else [_rollout_of(output.rollout) for output in outputs]
+                ),
+                timing=Timing(
+                    preprocess_ms=round((preprocessed - started) * 1e3, 3),
+                    inference_ms=round((inferred - preprocessed) * 1e3, 3),
+                    total_ms=round((inferred - started) * 1e3, 3),
+                ),
+            )
+
+    def _check_count(self, images: int) -> None:
+        if images > self.settings.images_per_request_max:
+            raise TooManyImagesError(
+                f"{images} images in one request; the limit is "
+                f"{self.settings.images_per_request_max}: split them over several requests"
+            )
+
+    def _check_patches(
+        self, patches: NDArray[np.uint8], target: ModelVersion
+    ) -> list[tuple[int, int]]:
+        """The grid of each image of a patches tensor, or why the model cannot take it."""
+        arch = target.spec.architecture
+        expected = f"[N, grid_h, grid_w, {arch.patch_dim}]"
+        shape = list(patches.shape)
+        if patches.dtype != np.uint8 or patches.ndim != 4:
+            raise InvalidInputError(
+                f"patches must be uint8 {expected} for model '{target.name}', got shape {shape}"
+            )
+        count, grid_h, grid_w, dim = patches.shape
+        if dim != arch.patch_dim:
+            raise InvalidInputError(
+                f"patches of shape {shape}: model '{target.name}' takes {expected}, each patch "
+                f"{arch.patch_size}x{arch.patch_size} pixels of {arch.channels} channels "
+                f"({arch.patch_dim} values)"
+            )
+        if count == 0 or grid_h == 0 or grid_w == 0:
+            raise InvalidInputError(f"patches of shape {shape} hold no image")
+        self._check_count(count)
+        limit = self.fit_max_tokens(target.spec)
+        if grid_h * grid_w > limit:
+            raise InvalidInputError(
+                f"a grid of {grid_h}x{grid_w} patches is over model '{target.name}''s limit of "
+                f"{limit} patches per image (native {arch.grid[0]}x{arch.grid[1]})"
+            )
+        return [(grid_h, grid_w)] * count
 
     async def _classify(
         self,

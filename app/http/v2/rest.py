@@ -1,0 +1,239 @@
+"""The Open Inference Protocol over HTTP, under /v2: health, metadata and inference.
+
+Inference runs as POST /classify does, in the same order: the key (when the server has one), the
+service, a request place (`admission`, refused 503 with Retry-After before the body is read),
+the body under the same size and time limits, then `ClassifyService.infer`: the same queue,
+batcher and deadline (`X-Request-Timeout-Ms` and the request parameter `timeout` lower it).
+Errors carry the same statuses and messages as /classify's, in the protocol's own body,
+`{"error": "..."}` (what tritonclient and the KServe SDK read), with 400 for every bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from app.core.errors import BusyError, InvalidInputError, NotReadyError
+from app.core.records import current_request
+from app.http.auth import API_KEY_SECURITY, check_api_key
+from app.http.deps import get_service
+from app.http.errors import RETRY_AFTER_S, STATUS_OF
+from app.http.metrics import error_reason
+from app.http.params import TIMEOUT_HEADER
+from app.http.uploads import read_body
+from app.http.v2 import protocol
+from app.http.v2.binary import HEADER_LENGTH, decompress, encode_response, parse_request
+from app.http.v2.schemas import (
+    ErrorResponse,
+    InferenceRequest,
+    InferenceResponse,
+    MetadataTensor,
+    ModelMetadataResponse,
+    ModelReadyResponse,
+    ServerLiveResponse,
+    ServerMetadataResponse,
+    ServerReadyResponse,
+)
+from app.pipeline.service import ClassifyService
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "a bad input: a tensor's name, type, shape or data; a parameter; an image",
+        401: "no API key or not the right one, where the server sets one",
+        404: "unknown model or version",
+        413: "body, image or image count over the limit",
+        503: "overloaded, not ready, or the model cannot serve (with Retry-After)",
+        504: "not run before the request's deadline",
+    }.items()
+}
+
+
+def status_of(exc: Exception) -> int | None:
+    """The HTTP status of a known error, as /classify answers it, 422 folded into 400: the
+    protocol has one status for every bad input."""
+    status = next((STATUS_OF[t] for t in type(exc).__mro__ if t in STATUS_OF), None)
+    return 400 if status == 422 else status
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """`exc` as the protocol's error body; unexpected errors are logged and answered 500."""
+    record = current_request()
+    if record is not None:
+        record.error_reason = error_reason(exc)
+    status = status_of(exc)
+    if status is None:
+        log.error("V2 request failed", exc_info=exc)
+        status, message = 500, "internal server error; the details are in the server log"
+    else:
+        message = getattr(exc, "message", str(exc))
+    headers: dict[str, str] = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    elif status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    if isinstance(exc, BusyError):
+        headers["Connection"] = "close"  # the body was not read: the connection cannot go on
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+def _service(request: Request) -> ClassifyService | None:
+    service = getattr(request.app.state, "service", None)
+    return service if isinstance(service, ClassifyService) and service.ready else None
+
+
+def _draining(request: Request) -> bool:
+    lifecycle = getattr(request.app.state, "lifecycle", None)
+    return bool(getattr(lifecycle, "draining", False))
+
+
+@router.get("", response_model=ServerMetadataResponse)
+async def server_metadata() -> ServerMetadataResponse:
+    return ServerMetadataResponse(
+        name=protocol.SERVER_NAME,
+        version=protocol.server_version(),
+        extensions=list(protocol.EXTENSIONS),
+    )
+
+
+@router.get("/health/live", response_model=ServerLiveResponse)
+async def server_live() -> ServerLiveResponse:
+    return ServerLiveResponse(live=True)
+
+
+@router.get(
+    "/health/ready", response_model=ServerReadyResponse, responses={503: {"model": ErrorResponse}}
+)
+async def server_ready(request: Request) -> Response:
+    """As GET /readyz: loaded, a model serving, not draining (503 otherwise)."""
+    service = _service(request)
+    ready = service is not None and service.serving and not _draining(request)
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+@router.get("/models/{model_name}", response_model=ModelMetadataResponse, responses=_ERRORS)
+@router.get(
+    "/models/{model_name}/versions/{model_version}",
+    response_model=ModelMetadataResponse,
+    responses=_ERRORS,
+)
+async def model_metadata(request: Request, model_name: str, model_version: str = "") -> Response:
+    try:
+        service = await get_service(request)
+        meta = protocol.model_metadata(service, model_name, model_version)
+    except Exception as exc:
+        return error_response(exc)
+    body = ModelMetadataResponse(
+        name=meta.name,
+        versions=meta.versions,
+        platform=meta.platform,
+        inputs=[
+            MetadataTensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs
+        ],
+        outputs=[
+            MetadataTensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs
+        ],
+        parameters=meta.properties,
+    )
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+@router.get("/models/{model_name}/ready", response_model=ModelReadyResponse, responses=_ERRORS)
+@router.get(
+    "/models/{model_name}/versions/{model_version}/ready",
+    response_model=ModelReadyResponse,
+    responses=_ERRORS,
+)
+async def model_ready(request: Request, model_name: str, model_version: str = "") -> Response:
+    """200 when the model (version) takes requests; 503 while it cannot, 404 when unknown."""
+    try:
+        service = await get_service(request)
+        ready = protocol.model_ready(service, model_name, model_version)
+        if _draining(request):
+            raise NotReadyError("the server is shutting down")
+    except Exception as exc:
+        return error_response(exc)
+    return JSONResponse({"name": model_name, "ready": ready}, status_code=200 if ready else 503)
+
+
+_INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": InferenceRequest.model_json_schema()},
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "the JSON request, then the inputs' binary data; header "
+                    "Inference-Header-Content-Length: the JSON's length",
+                }
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/models/{model_name}/infer",
+    response_model=InferenceResponse,
+    responses=_ERRORS,
+    openapi_extra={**_INFER_BODY, "security": API_KEY_SECURITY},
+)
+@router.post(
+    "/models/{model_name}/versions/{model_version}/infer",
+    response_model=InferenceResponse,
+    responses=_ERRORS,
+    openapi_extra={**_INFER_BODY, "security": API_KEY_SECURITY},
+)
+async def infer(request: Request, model_name: str, model_version: str = "") -> Response:
+    arrived = asyncio.get_running_loop().time()
+    try:
+        check_api_key(request)
+        service = await get_service(request)
+        header_timeout = _header_timeout_ms(request)
+        with service.admission():
+            settings = service.settings
+            body = await read_body(request, settings.upload_max_bytes, settings.body_read_timeout_s)
+            body = decompress(
+                body, request.headers.get("content-encoding"), settings.upload_max_bytes
+            )
+            parsed = parse_request(
+                body, request.headers.get(HEADER_LENGTH), model_name, model_version
+            )
+            answer = await protocol.infer(
+                service, parsed, timeout_ms=header_timeout, arrived=arrived
+            )
+        content, json_length = encode_response(answer, parsed.parameters)
+    except Exception as exc:
+        return error_response(exc)
+    if json_length is None:
+        return Response(content, media_type="application/json")
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(json_length)},
+    )
+
+
+def _header_timeout_ms(request: Request) -> float | None:
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        timeout = float(value)
+    except ValueError:
+        timeout = float("nan")
+    if not timeout > 0 or timeout == float("inf"):
+        raise InvalidInputError(
+            f"header '{TIMEOUT_HEADER}': a positive number of milliseconds, got {value[:40]!r}"
+        )
+    return timeout
