@@ -18,6 +18,7 @@ from app.http.metrics import Metrics
 from app.http.middleware import Lifecycle, RequestMiddleware, install_metrics
 from app.http.page import install_page
 from app.http.routes import router
+from app.http.v2.grpc_server import GrpcFrontDoor
 from app.http.v2.rest import router as v2_router
 from app.models.sessions import BackendFactory, RolloutBackendFactory
 from app.models.table import ModelTable
@@ -60,6 +61,11 @@ def create_app(
         service.batcher.observer = metrics
         service.start()
         app.state.service = service
+        # The Open Inference Protocol over gRPC, in this event loop, when a port is set.
+        grpc_door = None
+        if settings.grpc_port is not None:
+            grpc_door = GrpcFrontDoor(service, settings, metrics, lifecycle)
+            app.state.grpc_port = await grpc_door.start()
         log.info(
             "started: %d model(s) serving, %d not ready, in %s",
             len(models.repository.models),
@@ -69,6 +75,8 @@ def create_app(
         try:
             yield
         finally:
+            if grpc_door is not None:  # its calls in flight finish first, as HTTP's did
+                await grpc_door.stop(settings.drain_timeout_s)
             await service.stop()
             configure_pillow(previous_limit)
             log.info("stopped")

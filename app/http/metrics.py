@@ -49,6 +49,17 @@ BATCH_TOKEN_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(4, 18)
 QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 UNMATCHED_ROUTE = "unmatched"  # every path no route serves: bounded label values
 
+# The front door a request came through (the `protocol` label): the service's own HTTP API
+# (/classify, /models, ...), the Open Inference Protocol over HTTP (/v2/...) or over gRPC.
+HTTP = "http"
+V2_HTTP = "v2-http"
+V2_GRPC = "v2-grpc"
+
+
+def protocol_of(route: str) -> str:
+    """The protocol of an HTTP route (gRPC requests name theirs)."""
+    return V2_HTTP if route == "/v2" or route.startswith("/v2/") else HTTP
+
 
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
@@ -76,28 +87,35 @@ class Metrics:
         r = self.registry
         ns = NAMESPACE
         ProcessCollector(registry=r)
+        # `protocol`: http, v2-http or v2-grpc. gRPC requests are counted under their method
+        # (route "/inference.GRPCInferenceService/ModelInfer") with the HTTP status the same
+        # answer gets over REST, so one query covers every front door.
         self.request_duration = Histogram(
             "request_duration_seconds",
-            "HTTP request duration, from the first byte in to the last byte out",
-            ["route", "status", "model"],
+            "request duration, from the first byte in to the last byte out",
+            ["route", "status", "model", "protocol"],
             namespace=ns,
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.requests = Counter(
             "requests",
-            "HTTP requests answered",
-            ["route", "status", "model"],
+            "requests answered",
+            ["route", "status", "model", "protocol"],
             namespace=ns,
             registry=r,
         )
         self.images = Counter(
-            "images", "images answered with a classification", ["model"], namespace=ns, registry=r
+            "images",
+            "images answered with a classification",
+            ["model", "protocol"],
+            namespace=ns,
+            registry=r,
         )
         self.errors = Counter(
             "errors",
             "requests answered with an error status, by reason (the error's kind)",
-            ["route", "status", "reason"],
+            ["route", "status", "reason", "protocol"],
             namespace=ns,
             registry=r,
         )
@@ -206,19 +224,28 @@ class Metrics:
         self.batch_size.labels(key.model).observe(len(queue_waits_s))
         self.batch_tokens.labels(key.model).observe(len(queue_waits_s) * key.tokens)
 
-    def request_done(self, route: str, status: int, seconds: float, record: RequestRecord) -> None:
-        """One request answered (called by the request middleware)."""
+    def request_done(
+        self,
+        route: str,
+        status: int,
+        seconds: float,
+        record: RequestRecord,
+        protocol: str | None = None,
+    ) -> None:
+        """One request answered (called by the request middleware, and by the gRPC front door
+        with its `protocol`)."""
         code = str(status)
-        self.request_duration.labels(route, code, record.model).observe(seconds)
-        self.requests.labels(route, code, record.model).inc()
+        protocol = protocol or protocol_of(route)
+        self.request_duration.labels(route, code, record.model, protocol).observe(seconds)
+        self.requests.labels(route, code, record.model, protocol).inc()
         if record.preprocess_s is not None:
             self.preprocess.labels(record.model).observe(record.preprocess_s)
         if status < 400:
             if record.images:
-                self.images.labels(record.model).inc(record.images)
+                self.images.labels(record.model, protocol).inc(record.images)
         else:
             reason = record.error_reason or f"http_{status}"
-            self.errors.labels(route, code, reason).inc()
+            self.errors.labels(route, code, reason, protocol).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

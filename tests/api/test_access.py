@@ -120,7 +120,8 @@ async def test_refusals_are_counted_by_reason(make_client: ClientFactory) -> Non
         await client.post("/classify", content=png(), headers={**PNG, "x-api-key": "wrong"})
         metrics = (await client.get("/metrics")).text
     for reason, count in (("missing_key", 1), ("invalid_key", 2)):
-        line = f'vit_serve_errors_total{{reason="{reason}",route="/classify",status="401"}}'
+        labels = f'protocol="http",reason="{reason}",route="/classify",status="401"'
+        line = f"vit_serve_errors_total{{{labels}}}"
         assert f"{line} {count:.1f}" in metrics
 
 
