@@ -1,13 +1,9 @@
-"""Export a randomly initialised ViT-Ti/16 (or ViT-B/16) at 224x224 into an ignored bench
-repository.
+"""A ViT-Ti/16 (or ViT-B/16) at 224x224 with random weights, exported for the benchmarks.
 
-    .venv/bin/python -m bench.export_tiny                 # -> build/bench_repo/vit-ti16
-    .venv/bin/python -m bench.export_tiny --variant base --optimize none
-                                                          # -> build/bench_repo/vit-b16
-                                                          #    (the plain graph TensorRT takes)
+    .venv/bin/python -m bench.export_tiny                          # build/bench_repo/vit-ti16
+    .venv/bin/python -m bench.export_tiny --variant base --optimize none   # vit-b16, TensorRT's
 
-Only its cost matters to the benchmarks (`bench.load`), so the weights are random; the export
-step's parity checks still run. Needs the export extra (PyTorch).
+Only its cost matters (`bench.load`); the export step's parity checks still run. Needs PyTorch.
 """
 
 from __future__ import annotations
@@ -18,11 +14,9 @@ from pathlib import Path
 import torch
 
 from app.models.spec import SPEC_FILENAME, OptimizationLevel, Preprocess, Source
+from bench.harness import ROOT
 from export.onnx_export import export_to_repository
 from export.vit import VisionTransformer, ViTConfig
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 VARIANTS = {"tiny": "vit-ti16", "base": "vit-b16"}  # ViTConfig's variant -> default name
 

@@ -1,15 +1,11 @@
 """Coverage-guided fuzzing of the decode path (`prepare` of app.pipeline.imaging); not in CI.
 
     .venv/bin/python -m pip install -e ".[fuzz]"
-    .venv/bin/python -m bench.fuzz_atheris -atheris_runs=200000 build/fuzz_corpus
     .venv/bin/python -m bench.fuzz_atheris -max_total_time=600 build/fuzz_corpus
 
-Arguments are libFuzzer's; the corpus folder (default build/fuzz_corpus) is seeded with small
-images in every supported format when empty, and grows with inputs that reach new code.
-atheris instruments the Python code of app.pipeline.imaging and Pillow's plugins (their C
-decoders run uninstrumented). `prepare` may return patches or raise imaging's typed errors;
-any other exception stops the run with the input that caused it saved as
-build/fuzz_crashes/crash-<sha1> (libFuzzer's -artifact_prefix= changes where).
+Arguments are libFuzzer's; the corpus (default build/fuzz_corpus) is seeded with small images in
+every format. Anything `prepare` raises beyond imaging's typed errors stops the run, the input
+saved as build/fuzz_crashes/crash-<sha1>.
 """
 
 from __future__ import annotations

@@ -83,23 +83,27 @@ def find_model(repo: Path, name: str) -> ModelFiles:
 @dataclass(frozen=True)
 class Images:
     bodies: list[bytes]
+    names: list[str]
     source: str  # where they came from, for the results
 
 
 def load_images(limit: int = 100) -> Images:
-    """The photos in ../shared/testdata/photos, or 20 generated 500x375 JPEGs without them."""
+    """The photos in ../shared/testdata/photos, or (up to) 20 generated 500x375 JPEGs."""
     files = sorted(PHOTOS.glob("*.*"))[:limit] if PHOTOS.is_dir() else []
     if files:
-        return Images([f.read_bytes() for f in files], f"{len(files)} photos from {PHOTOS}")
-    print(f"note: {PHOTOS} is absent; using 20 generated 500x375 JPEGs instead")
+        bodies, names = [f.read_bytes() for f in files], [f.name for f in files]
+        return Images(bodies, names, f"{len(files)} photos from {PHOTOS}")
+    print(f"note: {PHOTOS} is absent; using generated 500x375 JPEGs instead")
     rng = np.random.default_rng(0)
     bodies = []
-    for _ in range(20):
+    for _ in range(min(limit, 20)):
         buf = io.BytesIO()
         pixels = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(buf, "JPEG", quality=90)
         bodies.append(buf.getvalue())
-    return Images(bodies, "20 generated 500x375 JPEGs (../shared/testdata/photos is absent)")
+    names = [f"generated-{i:02d}.jpg" for i in range(len(bodies))]
+    source = f"{len(bodies)} generated 500x375 JPEGs (../shared/testdata/photos is absent)"
+    return Images(bodies, names, source)
 
 
 # --- raw graph timing -----------------------------------------------------------------------

@@ -3,18 +3,9 @@
     .venv/bin/python -m bench.optimize                   # about 3 minutes on 2 cores
     .venv/bin/python -m bench.optimize --rounds 3 --batches 1 8
 
-Two models: ViT-Ti/16 at 224x224 (random weights, bench/export_tiny.py's) and the demo model
-(export/demo/checkpoint.pt; its config with random weights if the checkpoint is absent). Each is
-exported in the three forms the export step writes (`--optimize none|fused|fp16`), with the
-export step's own checks (fp32 forms: logits within 1e-4 of PyTorch at 4 grids; fp16: top-1
-agreement and a max-abs bound against the fused graph), plus the fused graph with residual adds
-fused into SkipLayerNormalization, which the export leaves out (measured here: slower on CPU).
-Then, per batch size, rounds alternate between the graphs (their order rotating each round), so
-that a busy machine slows all of them alike; a graph's figure is the median over rounds of its
-median batch time, and its speed-up the median of the per-round ratios to the plain graph (in
-the "best" row: best batch against best batch). Sessions are made as the service makes them
-(app/runtime.py). Figures are printed as a table and written to bench/results/optimize.json.
-Nothing here asserts on time.
+ViT-Ti/16 (random weights) and the demo model, each exported in the three forms with the export
+step's checks, plus fused + SkipLayerNormalization (left out of the export); per batch size,
+rounds rotate between the graphs (figures: medians). Writes bench/results/optimize.json.
 """
 
 from __future__ import annotations
@@ -25,7 +16,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +27,12 @@ from torch import nn
 from app.models.runtime import CPU, open_session
 from app.models.spec import OptimizationLevel
 from bench.export_tiny import vit_ti16
-from bench.machine import machine_info
+from bench.harness import RESULTS, ROOT, batch_times, write_results
 from export.checkpoints import load_checkpoint
 from export.onnx_export import check_parity, export_graph, parity_grids, stage_graph
 from export.optimize import fuse, fused_model
 from export.vit import VisionTransformer, ViTConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 DEMO_CHECKPOINT = ROOT / "export" / "demo" / "checkpoint.pt"
 DEMO_SPEC = ROOT / "model_repo" / "demo-shapes" / "model.json"
 FORMS: tuple[OptimizationLevel, ...] = ("none", "fused", "fp16")
@@ -67,6 +57,19 @@ class ModelReport:
     graph_mb: dict[str, float]
     checks: dict[str, object]
     results: list[FormResult]
+
+
+@dataclass
+class Method:
+    rounds: int
+    seconds_per_form_per_round: float
+
+
+@dataclass
+class OptimizeReport:
+    method: Method
+    models: list[ModelReport]
+    table_markdown: str
 
 
 def demo_model() -> tuple[VisionTransformer, str]:
@@ -128,13 +131,7 @@ def export_forms(
 
 
 def _median_batch_s(session: ort.InferenceSession, x: np.ndarray, seconds: float) -> float:
-    times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 3:
-        t0 = time.perf_counter()
-        session.run(None, {"patches": x})
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(batch_times(session, {"patches": x}, seconds, min_runs=3))
 
 
 def measure(
@@ -206,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--rounds", type=int, default=7, help="alternating rounds per batch size")
     p.add_argument("--seconds", type=float, default=0.4, help="per graph per round")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "optimize.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "optimize.json")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # the export's parity checks only; timing is ONNX Runtime's
 
@@ -235,25 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     text = table(reports)
     print(text)
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(
-        json.dumps(
-            {
-                "machine": {
-                    **machine_info(),
-                    "provider": CPU,
-                    "load_average_before": load_before,
-                    "load_average_after": load_after,
-                },
-                "method": {"rounds": a.rounds, "seconds_per_form_per_round": a.seconds},
-                "models": [asdict(r) for r in reports],
-                "table_markdown": text,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"wrote {a.out}")
+    method = Method(a.rounds, a.seconds)
+    notes = {"provider": CPU, "load_average_before": load_before, "load_average_after": load_after}
+    write_results(a.out, OptimizeReport(method, reports, text), machine_notes=notes)
 
 
 if __name__ == "__main__":
