@@ -1,36 +1,45 @@
-"""Session fixtures: a tiny exported ViT in a throwaway model repository; anyio on asyncio."""
+"""Session fixtures: the tiny model's repository and the service over it; anyio on asyncio."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import contextlib
+import shutil
+from collections.abc import AsyncIterator
+from typing import Any
 
-from app.models.spec import Source
-from export.onnx_export import export_to_repository
-from export.vit import VisionTransformer
-from tests.support import TINY, TINY_LABELS, TINY_PREPROCESS, TinyRepo, tiny_model
+import httpx
+import pytest
+
+from app.core.settings import Settings
+from app.models.sessions import BackendFactory
+from tests.support import TINY, TINY_REPO, ClientFactory, TinyRepo, serve
 
 
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> TinyRepo:
-    """Model `tiny`, versions 1 and 2 (different weights), exported with parity checks."""
-    # One thread: OpenMP workers spin while they wait, which on a small machine that is busy
-    # with other work (a training run, a parallel test) turns a 1 s export into 15 s.
-    torch.set_num_threads(1)
+    """Model `tiny`, versions 1 and 2 (different weights): a copy of tests/model_repo."""
     root = tmp_path_factory.mktemp("model_repo")
-    models: dict[int, VisionTransformer] = {}
-    for seed in (1, 2):
-        model = tiny_model(seed)
-        result = export_to_repository(
-            model,
-            root,
-            TINY,
-            TINY_LABELS,
-            TINY_PREPROCESS,
-            Source(framework="vit-serve", notes="test model"),
-        )
-        models[result.version] = model
-    return TinyRepo(root=root, name=TINY, models=models)
+    shutil.copytree(TINY_REPO / TINY, root / TINY)
+    return TinyRepo(root=root, name=TINY)
+
+
+@pytest.fixture(scope="session")
+async def client(tiny_repo: TinyRepo) -> AsyncIterator[httpx.AsyncClient]:
+    """The service with default limits over the tiny repository (versions 1 and 2)."""
+    async with serve(Settings(model_repo=tiny_repo.root)) as c:
+        yield c
+
+
+@pytest.fixture
+def make_client(tiny_repo: TinyRepo) -> ClientFactory:
+    """A service with some settings changed (and optionally a fake backend), for one test."""
+
+    def factory(
+        backend_factory: BackendFactory | None = None, **overrides: Any
+    ) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:
+        return serve(Settings(model_repo=tiny_repo.root, **overrides), backend_factory)
+
+    return factory
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,21 @@
-"""Paths, the tiny test model and helpers shared by the tests (fixtures live in conftest.py)."""
+"""Paths, the tiny test model's repository and helpers shared by the tests (fixtures live in
+conftest.py). No PyTorch here or in anything it imports: the service's tests run without it
+(tests/export/tiny.py holds the tiny model's PyTorch side)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
-import torch
 
+from app.core.settings import Settings
+from app.main import create_app
+from app.models.sessions import BackendFactory, RolloutBackendFactory
 from app.models.spec import Architecture, ModelSpec, Preprocess, Source, contract_tensors
-from export.vit import VisionTransformer, ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TESTDATA = ROOT.parent / "shared" / "testdata"
@@ -20,29 +26,19 @@ DEMO_MODEL = ROOT / "model_repo" / "demo-shapes"
 TINY = "tiny"
 TINY_LABELS = [f"class-{i}" for i in range(10)]
 TINY_PREPROCESS = Preprocess(resize_mode="shorter_side", crop_pct=0.875, interpolation="bicubic")
+# The tiny model as the export wrote it (versions 1 and 2, different weights), kept in the tree so
+# that serving tests need no PyTorch. tests/export/test_parity.py checks it is what the export
+# writes today; `.venv/bin/python -m tests.export.tiny` rewrites it.
+TINY_REPO = ROOT / "tests" / "model_repo"
 FORMATS_HINT = "send a JPEG, PNG, WebP, GIF, BMP or TIFF"
+
+ClientFactory = Callable[..., contextlib.AbstractAsyncContextManager[httpx.AsyncClient]]
 
 
 @dataclass(frozen=True)
 class TinyRepo:
-    root: Path
+    root: Path  # a copy of TINY_REPO for this test session
     name: str
-    models: dict[int, VisionTransformer]  # version -> the PyTorch model exported as it
-
-    @property
-    def latest(self) -> int:
-        return max(self.models)
-
-
-def tiny_model(seed: int) -> VisionTransformer:
-    """A 2-block ViT, patch 8, native grid 8x8 (64x64 pixels), 10 classes."""
-    torch.manual_seed(seed)
-    model = VisionTransformer(ViTConfig.variant("test", patch_size=8, grid=(8, 8), num_classes=10))
-    # The reference init zeroes the head, which would make every answer uniform.
-    with torch.no_grad():
-        model.head.weight.normal_(0.0, 2.0)
-        model.head.bias.normal_(0.0, 0.5)
-    return model.eval()
 
 
 def need_folder(path: Path, what: str) -> None:
@@ -70,3 +66,18 @@ def make_spec(
         outputs=outputs,
         source=Source(framework="test"),
     )
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    settings: Settings,
+    backend_factory: BackendFactory | None = None,
+    rollout_factory: RolloutBackendFactory | None = None,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app over httpx's ASGI transport, its lifespan run as uvicorn would run it."""
+    app = create_app(settings, backend_factory=backend_factory, rollout_factory=rollout_factory)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        yield client

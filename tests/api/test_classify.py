@@ -1,4 +1,5 @@
-"""POST /classify: answers, parameters and every client error with its status and message."""
+"""POST /classify: answers, parameters and every client error with its status and message.
+(The answers against the PyTorch model's: tests/export/test_parity.py.)"""
 
 from __future__ import annotations
 
@@ -8,17 +9,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-import torch
 
 import app.pipeline.service as service_module
-from app.models.spec import ModelSpec
-from app.pipeline.imaging import PreparedImage, ResizePolicy, prepare
-from app.pipeline.postprocess import softmax
-from tests.api.conftest import ClientFactory, FakeBackends
+from app.pipeline.imaging import PreparedImage, prepare
+from tests.fakes import FakeBackends
 from tests.images import jpeg, png
-from tests.support import FORMATS_HINT, TinyRepo
+from tests.support import FORMATS_HINT, ClientFactory
 
 pytestmark = pytest.mark.anyio
 
@@ -32,79 +29,7 @@ def raw(data: bytes, content_type: str = "image/jpeg") -> dict[str, Any]:
     return {"content": data, "headers": {"content-type": content_type}}
 
 
-def expected_probs(
-    tiny_repo: TinyRepo, version: int, data: bytes, resize: ResizePolicy = "crop"
-) -> np.ndarray:
-    """What the PyTorch model says about the image, preprocessed as the service does."""
-    spec = ModelSpec.load(tiny_repo.root / "tiny" / "model.json")
-    prepared = prepare(data, spec, resize, name="x", max_pixels=10**8, fit_max_tokens=128)
-    with torch.no_grad():
-        logits = tiny_repo.models[version](torch.from_numpy(prepared.patches[None])).numpy()
-    return softmax(logits[0])
-
-
-def assert_matches(result: dict[str, Any], probs: np.ndarray) -> None:
-    predictions = result["predictions"]
-    scores = [p["score"] for p in predictions]
-    assert scores == sorted(scores, reverse=True)
-    order = np.argsort(-probs, kind="stable")[: len(predictions)]
-    assert [p["index"] for p in predictions] == order.tolist()
-    assert [p["label"] for p in predictions] == [f"class-{i}" for i in order]
-    np.testing.assert_allclose(scores, probs[order], atol=1e-5)
-
-
 # --- answers ------------------------------------------------------------------------------------
-
-
-async def test_three_images_in_one_multipart_request_are_answered_in_order(
-    client: httpx.AsyncClient, tiny_repo: TinyRepo
-) -> None:
-    images = [jpeg(96, 72, seed=0), png(128, 64, seed=1), png(50, 120, seed=2)]
-    files = [("image", (f"{i}.img", data, "image/png")) for i, data in enumerate(images)]
-    response = await client.post("/classify", files=files)
-    assert response.status_code == 200
-    body = response.json()
-    assert (body["model"], body["version"]) == ("tiny", 2)
-    assert set(body["timing"]) == {"preprocess_ms", "inference_ms", "total_ms"}
-    sizes = [r["image_size"] for r in body["results"]]
-    assert sizes == [[96, 72], [128, 64], [50, 120]]
-    for result, data in zip(body["results"], images, strict=True):
-        assert (result["grid"], result["resize"]) == ([8, 8], "crop")
-        assert len(result["predictions"]) == 5
-        assert_matches(result, expected_probs(tiny_repo, 2, data))
-
-
-async def test_a_raw_image_body_is_classified(
-    client: httpx.AsyncClient, tiny_repo: TinyRepo
-) -> None:
-    data = jpeg(120, 90, seed=4)
-    response = await client.post("/classify", **raw(data))
-    assert response.status_code == 200
-    (result,) = response.json()["results"]
-    assert result["image_size"] == [120, 90]
-    assert_matches(result, expected_probs(tiny_repo, 2, data))
-
-
-async def test_the_version_parameter_selects_the_weights(
-    client: httpx.AsyncClient, tiny_repo: TinyRepo
-) -> None:
-    data = png(64, 64, seed=5)
-    response = await client.post("/classify", params={"version": 1, "top_k": 10}, **raw(data))
-    assert response.status_code == 200
-    assert response.json()["version"] == 1
-    assert_matches(response.json()["results"][0], expected_probs(tiny_repo, 1, data))
-    named = await client.post("/classify", params={"model": "tiny", "version": 2}, **raw(data))
-    assert named.json()["version"] == 2
-
-
-async def test_fit_keeps_the_aspect_ratio_in_the_grid(
-    client: httpx.AsyncClient, tiny_repo: TinyRepo
-) -> None:
-    data = png(128, 64, seed=6)
-    response = await client.post("/classify", params={"resize": "fit"}, **raw(data, "image/png"))
-    (result,) = response.json()["results"]
-    assert (result["grid"], result["resize"]) == ([6, 11], "fit")
-    assert_matches(result, expected_probs(tiny_repo, 2, data, "fit"))
 
 
 async def test_top_k_is_clipped_to_the_number_of_classes(client: httpx.AsyncClient) -> None:

@@ -11,9 +11,8 @@ from PIL import Image
 
 from app.core.settings import Settings
 from export.demo.shapes import CLASSES, generate
-from tests.api.conftest import serve
 from tests.images import encode
-from tests.support import DEMO_MODEL, need_folder
+from tests.support import DEMO_MODEL, need_folder, serve
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,8 @@ from prometheus_client.samples import Sample
 
 from app.http.metrics import LATENCY_BUCKETS_S, error_reason
 from app.models.repository import UnknownModelError
-from tests.api.conftest import ClientFactory
 from tests.images import png
+from tests.support import ClientFactory
 
 pytestmark = pytest.mark.anyio
 

@@ -12,8 +12,7 @@ from app.core.settings import Settings
 from app.models.providers import TENSORRT
 from app.models.repository import ModelVersion
 from app.models.runtime import Backend
-from tests.api.conftest import serve
-from tests.support import TinyRepo
+from tests.support import TinyRepo, serve
 
 pytestmark = pytest.mark.anyio
 

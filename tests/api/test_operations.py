@@ -20,9 +20,9 @@ from app.core.settings import Settings
 from app.http.middleware import DRAINING_MESSAGE, Lifecycle
 from app.main import create_app
 from app.server import DrainingServer
-from tests.api.conftest import ClientFactory, FakeBackends
+from tests.fakes import FakeBackends
 from tests.images import png
-from tests.support import TinyRepo
+from tests.support import ClientFactory, TinyRepo
 
 pytestmark = pytest.mark.anyio
 

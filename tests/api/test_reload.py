@@ -14,9 +14,9 @@ import pytest
 from pydantic import SecretStr
 
 from app.core.settings import Settings
-from tests.api.conftest import FakeBackends, serve
+from tests.fakes import FakeBackends
 from tests.images import jpeg
-from tests.support import TinyRepo
+from tests.support import TinyRepo, serve
 
 pytestmark = pytest.mark.anyio
 

@@ -23,9 +23,8 @@ from app.models.runtime import Backend, RolloutBackend
 from app.models.sessions import onnx_backends, onnx_rollout_backends
 from app.models.spec import GraphFiles, ModelSpec, RolloutParams
 from app.pipeline.imaging import ResizePolicy, prepare
-from tests.api.conftest import serve
 from tests.images import encode, jpeg, noise, png, smooth
-from tests.support import TinyRepo
+from tests.support import TinyRepo, serve
 
 pytestmark = pytest.mark.anyio
 

@@ -29,9 +29,9 @@ from export.optimize import (
     to_fp16,
 )
 from export.vit import VisionTransformer, ViTConfig
-from tests.api.conftest import serve
+from tests.export.tiny import tiny_model
 from tests.images import jpeg
-from tests.support import DEMO_MODEL, TINY_LABELS, TINY_PREPROCESS, tiny_model
+from tests.support import DEMO_MODEL, TINY_LABELS, TINY_PREPROCESS, serve
 
 # Native 8x8, smaller, larger, non-square both ways, a single patch.
 GRIDS = [(8, 8), (5, 5), (12, 12), (6, 11), (11, 3), (1, 1)]

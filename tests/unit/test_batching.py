@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -20,63 +19,9 @@ from app.pipeline.batches import (
     ShuttingDownError,
 )
 from app.pipeline.batching import Batcher
+from tests.fakes import MODEL, SQUARE, WIDE, D, GatedBackend, deadline_in, ident, image
 
 pytestmark = pytest.mark.anyio
-
-MODEL = ("m", 1)
-D = 8 * 8 * 3
-SQUARE = BatchKey("m", 1, (8, 8))  # 64 tokens
-WIDE = BatchKey("m", 1, (4, 16))  # 64 tokens, another grid
-
-
-class GatedBackend:
-    """Answers each image with its own id (the value its patches are filled with).
-
-    While `gate` is clear, a batch blocks inside the inference thread, as a long batch would.
-    """
-
-    provider = "fake"
-
-    def __init__(self, fail_on_calls: frozenset[int] = frozenset()) -> None:
-        self.shapes: list[tuple[int, ...]] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.started = threading.Event()
-        self.fail_on_calls = fail_on_calls
-
-    def run(self, patches: NDArray[np.uint8]) -> NDArray[np.float32]:
-        call = len(self.shapes)
-        self.shapes.append(patches.shape)
-        self.started.set()
-        self.gate.wait(timeout=10)  # never hang the suite, whatever a test forgets
-        if call in self.fail_on_calls:
-            raise RuntimeError("session exploded")
-        ids = patches.reshape(len(patches), -1)[:, 0].astype(np.float32)
-        return np.stack([ids, np.zeros_like(ids)], axis=1)  # (B, 2)
-
-    @property
-    def batch_sizes(self) -> list[int]:
-        return [shape[0] for shape in self.shapes]
-
-    async def hold(self) -> None:
-        """Clear the gate; the next batch blocks."""
-        self.gate.clear()
-        self.started.clear()
-
-    async def wait_started(self) -> None:
-        assert await asyncio.to_thread(self.started.wait, 10)
-
-
-def image(key: BatchKey, ident: int) -> tuple[BatchKey, NDArray[np.uint8]]:
-    return key, np.full((*key.grid, D), ident, dtype=np.uint8)
-
-
-def ident(output: Output) -> int:
-    return int(output.logits[0])
-
-
-def deadline_in(seconds: float) -> float:
-    return asyncio.get_running_loop().time() + seconds
 
 
 class Harness:
@@ -106,7 +51,7 @@ async def harness_with(
     max_batch_tokens: int = 8192,
     max_queue_images: int = 256,
 ) -> AsyncIterator[Harness]:
-    backend = GatedBackend(fail_on_calls)
+    backend = GatedBackend(fail_on_calls=fail_on_calls)
     batcher = Batcher(
         [{MODEL: backend}],
         max_batch_size=max_batch_size,

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
-import time
 
-import numpy as np
 import pytest
-from numpy.typing import NDArray
 
 from app.pipeline.batches import (
     BatchingError,
@@ -20,32 +16,19 @@ from app.pipeline.batches import (
     ShuttingDownError,
 )
 from app.pipeline.batching import Batcher
-from tests.unit.test_batching import MODEL, SQUARE, WIDE, D, GatedBackend, deadline_in, ident, image
+from tests.fakes import (
+    MODEL,
+    SQUARE,
+    WIDE,
+    D,
+    FaultyBackend,
+    GatedBackend,
+    deadline_in,
+    ident,
+    image,
+)
 
 pytestmark = pytest.mark.anyio
-
-
-class FaultyBackend:
-    """Slow on every 4th batch from the first, fails on the next, answers the rest with each
-    image's id. Slow first: with every instance busy at once at the start, the first requests'
-    short deadlines pass while they are queued, however many instances there are."""
-
-    provider = "fake"
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.batches = 0
-
-    def run(self, patches: NDArray[np.uint8]) -> NDArray[np.float32]:
-        ids = patches.reshape(len(patches), -1)[:, 0].astype(np.float32)
-        with self._lock:
-            fate = self.batches % 4
-            self.batches += 1
-        if fate == 0:
-            time.sleep(0.02)  # slow: later requests pile up and some reach their deadlines
-        if fate == 1:
-            raise RuntimeError("session exploded")
-        return np.stack([ids, np.zeros_like(ids)], axis=1)  # (B, 2)
 
 
 @pytest.mark.parametrize("instances", [1, 3])

@@ -8,7 +8,6 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from numpy.typing import NDArray
 from PIL import ExifTags, Image, ImageFile, JpegImagePlugin
 
@@ -20,11 +19,9 @@ from app.pipeline.imaging import (
     PreparedImage,
     ResizePolicy,
     crop_plan,
-    patchify,
     prepare,
     to_rgb,
 )
-from export.vit import patchify as torch_patchify
 from tests.images import encode, jpeg, noise, png, smooth
 from tests.support import FORMATS_HINT, make_spec
 
@@ -71,24 +68,6 @@ def png_claiming(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"\x00" * 16)
-
-
-# --- patch layout -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("height", "width", "patch"), [(64, 64, 8), (48, 80, 8), (32, 96, 16)])
-def test_numpy_patchify_equals_the_reference_torch_patchify(
-    height: int, width: int, patch: int
-) -> None:
-    pixels = np.random.default_rng(height + width).integers(
-        0, 256, (height, width, 3), dtype=np.uint8
-    )
-    expected = torch_patchify(torch.from_numpy(pixels)[None], patch)[0].numpy()
-    got = patchify(pixels, patch)
-    assert got.dtype == np.uint8
-    assert got.flags.c_contiguous
-    assert got.shape == (height // patch, width // patch, patch * patch * 3)
-    np.testing.assert_array_equal(got, expected)
 
 
 # --- crop policy: the training preprocessing ----------------------------------------------------

@@ -1,4 +1,5 @@
-"""Rollout maps: the rollout session against PyTorch, then normalising, placing and drawing."""
+"""Rollout maps: normalising, placing and drawing them; the rollout session's contract.
+(Its maps against PyTorch's: tests/export/test_parity.py.)"""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from app.models.repository import scan_repository
 from app.models.runtime import CPU, OnnxRolloutBackend, RuntimeLoadError
-from app.models.spec import HEAD_FUSIONS, HeadFusion, Preprocess, RolloutParams
+from app.models.spec import Preprocess
 from app.pipeline.imaging import crop_plan, resize_plan
 from app.pipeline.rollout import (
     COLORMAP,
@@ -21,7 +21,6 @@ from app.pipeline.rollout import (
     overlay,
     seen_box,
 )
-from export.rollout import RolloutViT
 from tests.images import encode, noise
 from tests.support import TinyRepo, make_spec
 
@@ -87,31 +86,6 @@ def test_the_heatmap_png_is_the_oriented_image_size() -> None:
     heat = normalise(np.arange(64, dtype=np.float32).reshape(8, 8))
     png = Image.open(io.BytesIO(base64.b64decode(heatmap_png(data, "x", 10**6, heat, plan))))
     assert (png.format, png.mode, png.size) == ("PNG", "RGB", (150, 90))
-
-
-@pytest.mark.parametrize(
-    ("head_fusion", "discard_ratio", "grid"),
-    [("mean", 0.0, (8, 8)), ("max", 0.5, (6, 11)), ("min", 0.9, (4, 4))],
-)
-def test_the_rollout_backend_gives_the_pytorch_rollout_and_logits(
-    tiny_repo: TinyRepo, head_fusion: HeadFusion, discard_ratio: float, grid: tuple[int, int]
-) -> None:
-    version = scan_repository(tiny_repo.root).resolve(None, 1)
-    assert version.rollout_path is not None
-    backend = OnnxRolloutBackend(version.rollout_path, version.spec, [CPU])
-    backend.warm_up(grid=grid, batch=2)
-    rng = np.random.default_rng(3)
-    patches = rng.integers(0, 256, (2, *grid, version.spec.architecture.patch_dim), dtype=np.uint8)
-    logits, rollout = backend.run(patches, RolloutParams(head_fusion, discard_ratio))
-    fusion = torch.tensor(HEAD_FUSIONS.index(head_fusion))
-    with torch.no_grad():
-        expected_logits, expected_rollout = RolloutViT(tiny_repo.models[1])(
-            torch.from_numpy(patches), fusion, torch.tensor(discard_ratio, dtype=torch.float32)
-        )
-    assert logits.dtype == rollout.dtype == np.dtype(np.float32)
-    assert rollout.shape == (2, *grid)
-    np.testing.assert_allclose(logits, expected_logits.numpy(), atol=1e-4)
-    np.testing.assert_allclose(rollout, expected_rollout.numpy(), atol=1e-5)
 
 
 def test_a_spec_without_a_rollout_contract_cannot_load_a_rollout_backend(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -20,77 +19,25 @@ from app.pipeline.batches import (
     Output,
 )
 from app.pipeline.batching import Batcher
+from tests.fakes import Calls, D, LoggedBackend, LoggedRolloutBackend, deadline_in
 
 pytestmark = pytest.mark.anyio
 
-D = 8 * 8 * 3
 GRID = (8, 8)
 MEAN = RolloutParams("mean", 0.0)
 MAX = RolloutParams("max", 0.0)
 MEAN_HALF = RolloutParams("mean", 0.5)
 
 
-class Calls:
-    """What each backend ran, in order, across both graphs; the first call can be held."""
-
-    def __init__(self) -> None:
-        self.log: list[tuple[str, RolloutParams | None, list[int]]] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.started = threading.Event()
-
-    def record(self, graph: str, params: RolloutParams | None, patches: NDArray[np.uint8]) -> None:
-        ids = patches.reshape(len(patches), -1)[:, 0].tolist()
-        self.log.append((graph, params, ids))
-        self.started.set()
-        self.gate.wait(timeout=10)
-
-
-class PlainBackend:
-    provider = "fake"
-
-    def __init__(self, calls: Calls) -> None:
-        self.calls = calls
-
-    def run(self, patches: NDArray[np.uint8]) -> NDArray[np.float32]:
-        self.calls.record("plain", None, patches)
-        ids = patches.reshape(len(patches), -1)[:, 0].astype(np.float32)
-        return np.stack([ids, np.zeros_like(ids)], axis=1)  # (B, 2)
-
-
-class RolloutBackend:
-    """Logits like the plain one; each map is filled with its image's id."""
-
-    provider = "fake"
-
-    def __init__(self, calls: Calls, fail: bool = False) -> None:
-        self.calls = calls
-        self.fail = fail
-
-    def run(
-        self, patches: NDArray[np.uint8], params: RolloutParams
-    ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        self.calls.record("rollout", params, patches)
-        if self.fail:
-            raise RuntimeError("rollout session exploded")
-        ids = patches.reshape(len(patches), -1)[:, 0].astype(np.float32)
-        maps = np.broadcast_to(ids[:, None, None], (len(patches), *patches.shape[1:3]))
-        return np.stack([ids, np.zeros_like(ids)], axis=1), np.ascontiguousarray(maps)
-
-
 def image(ident: int, rollout: RolloutParams | None = None) -> tuple[BatchKey, NDArray[np.uint8]]:
     return BatchKey("m", 1, GRID, rollout), np.full((*GRID, D), ident, dtype=np.uint8)
-
-
-def deadline_in(seconds: float) -> float:
-    return asyncio.get_running_loop().time() + seconds
 
 
 @contextlib.asynccontextmanager
 async def batcher_with(calls: Calls, fail: bool = False) -> AsyncIterator[Batcher]:
     batcher = Batcher(
-        [{("m", 1): PlainBackend(calls)}],
-        rollout_backends={("m", 1): RolloutBackend(calls, fail)},
+        [{("m", 1): LoggedBackend(calls)}],
+        rollout_backends={("m", 1): LoggedRolloutBackend(calls, fail)},
         max_batch_size=32,
         max_batch_tokens=8192,
         max_queue_images=256,

@@ -1,17 +1,14 @@
-"""ONNX Runtime sessions (app.models.runtime) against the PyTorch model they were exported from."""
+"""ONNX Runtime sessions (app.models.runtime): providers, loading, warm-up.
+(Their logits against the PyTorch model's: tests/export/test_parity.py.)"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from app.models.repository import scan_repository
 from app.models.runtime import CPU, OnnxBackend, RuntimeLoadError, candidate_providers
-from app.pipeline.imaging import prepare
-from tests.images import png
 from tests.support import TinyRepo
 
 
@@ -29,32 +26,6 @@ def test_the_provider_reported_is_the_one_in_use(tiny_repo: TinyRepo) -> None:
     version = scan_repository(tiny_repo.root).resolve(None, None)
     backend = OnnxBackend(version.graph_path, version.spec, candidate_providers(None))
     assert backend.provider == CPU  # no GPU on the test machines
-
-
-@pytest.mark.parametrize(("policy", "size"), [("crop", (120, 90)), ("fit", (160, 64))])
-def test_prepared_patches_give_the_logits_of_the_pytorch_model(
-    tiny_repo: TinyRepo, policy: str, size: tuple[int, int]
-) -> None:
-    version = scan_repository(tiny_repo.root).resolve(None, 1)
-    backend = OnnxBackend(version.graph_path, version.spec, [CPU])
-    prepared = [
-        prepare(
-            png(*size, seed=seed),
-            version.spec,
-            "fit" if policy == "fit" else "crop",
-            name="test",
-            max_pixels=10**6,
-            fit_max_tokens=128,
-        )
-        for seed in (1, 2)
-    ]
-    batch = np.stack([p.patches for p in prepared])
-    with torch.no_grad():
-        expected = tiny_repo.models[1](torch.from_numpy(batch)).numpy()
-    got = backend.run(batch)
-    assert got.dtype == np.float32
-    assert got.shape == (2, 10)
-    np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
 def test_warm_up_runs_the_native_grid(tiny_repo: TinyRepo) -> None:
