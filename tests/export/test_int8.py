@@ -37,23 +37,13 @@ from export.quantize import (
     failures,
     quantize,
 )
-from export.vit import VisionTransformer, ViTConfig
+from tests.export.tiny import tiny_model
 from tests.images import jpeg
 from tests.support import DEMO_MODEL, TINY_LABELS, TINY_PREPROCESS
 
 GRIDS = [(8, 8), (5, 5), (12, 12), (6, 11), (11, 3), (1, 1)]
 CPU = ["CPUExecutionProvider"]
 SOURCE = Source(framework="vit-serve", notes="test model")
-
-
-def tiny_model(seed: int) -> VisionTransformer:
-    """The tests' tiny model: 2 blocks, patch 8, native grid 8x8, 10 classes, a random head."""
-    torch.manual_seed(seed)
-    model = VisionTransformer(ViTConfig.variant("test", patch_size=8, grid=(8, 8), num_classes=10))
-    with torch.no_grad():  # the reference init zeroes the head: every answer would be uniform
-        model.head.weight.normal_(0.0, 2.0)
-        model.head.bias.normal_(0.0, 0.5)
-    return model.eval()
 
 
 @pytest.fixture(autouse=True)
