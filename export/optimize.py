@@ -109,12 +109,16 @@ def grid_only_nodes(model: onnx.ModelProto, data_input: str) -> list[str]:
 
     A value flows from `data_input` through every node except Shape and Size, which read only
     the shape; the nodes it never reaches compute from the grid alone (position-embedding
-    resampling, the class token, reshape targets).
+    resampling, the class token, reshape targets). Shape and Size themselves are neither: they
+    read any element type, so blocking them would only make the converter add a float32 copy
+    of the cast input for them to read (the grid is read from the cast `patches`).
     """
     reached = {data_input}
     grid_only: list[str] = []
     for node in model.graph.node:  # ONNX keeps nodes in topological order
-        if node.op_type not in ("Shape", "Size") and reached.intersection(node.input):
+        if node.op_type in ("Shape", "Size"):
+            continue
+        if reached.intersection(node.input):
             reached.update(node.output)
         else:
             grid_only.append(node.name)

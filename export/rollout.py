@@ -86,8 +86,9 @@ class RolloutViT(nn.Module):
     def forward(
         self, patches: Tensor, head_fusion: Tensor, discard_ratio: Tensor
     ) -> tuple[Tensor, Tensor]:
-        B, grid_h, grid_w, _ = patches.shape
-        out = self.model.forward_features(patches, need_probs=True)
+        pixels = patches.to(torch.float32)  # cast first, as the plain graph (export/vit.py)
+        B, grid_h, grid_w, _ = pixels.shape
+        out = self.model.forward_features(pixels, need_probs=True)
         joint = rollout(out.attentions, head_fusion, discard_ratio)
         cls_row = joint[:, 0, 1:]  # (B, N): what the class token gathered from each patch
         return out.logits, cls_row.reshape(B, grid_h, grid_w)

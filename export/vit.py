@@ -149,7 +149,8 @@ class PatchEmbed(nn.Module):
         self.folded = False
 
     def forward(self, patches: Tensor) -> Tensor:
-        x = patches.to(torch.float32)
+        """uint8 patches, or patches already cast to float32 (`VisionTransformer` casts first)."""
+        x = patches if patches.dtype == torch.float32 else patches.to(torch.float32)
         if not self.folded:
             x = x * self.scale + self.shift
         out: Tensor = self.proj(x)
@@ -260,8 +261,13 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls_pos, grid.reshape(1, grid_h * grid_w, -1)], dim=1)
 
     def forward_features(self, patches: Tensor, need_probs: bool = False) -> ViTOutput:
-        B, grid_h, grid_w, _ = patches.shape
-        x = self.patch_embed(patches).reshape(B, grid_h * grid_w, -1)  # (B, N, D)
+        # Cast first and read the grid from the cast tensor: in the graph, `patches` then feeds
+        # one Cast and nothing else. TensorRT takes uint8 only as a network input or output, so
+        # a Shape node reading the uint8 input directly keeps it from parsing the graph. (The
+        # rollout graph casts before calling this: no second Cast then.)
+        pixels = patches if patches.dtype == torch.float32 else patches.to(torch.float32)
+        B, grid_h, grid_w, _ = pixels.shape
+        x = self.patch_embed(pixels).reshape(B, grid_h * grid_w, -1)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1+N, D)
         x = x + self.position_embeddings(grid_h, grid_w)
         attentions: list[Tensor] = []

@@ -32,3 +32,12 @@ def test_the_rollout_peak_lies_on_the_object_for_80_percent(evaluation: DemoEval
 def test_the_rollout_puts_twice_the_uniform_mass_on_the_object(evaluation: DemoEvaluation) -> None:
     assert evaluation.mass_ratio >= 2.0
     assert evaluation.mass_on_object >= 2.0 * evaluation.uniform_mass_on_object
+
+
+def test_the_bundled_graphs_cast_the_patches_before_reading_the_grid() -> None:
+    # Re-exported for TensorRT (see test_onnx_export.py): `patches` feeds one Cast, nothing else.
+    import onnx
+
+    for name in ("model.onnx", "model.rollout.onnx"):
+        graph = onnx.load(str(REPO / "demo-shapes" / "1" / name))
+        assert [n.op_type for n in graph.graph.node if "patches" in n.input] == ["Cast"], name

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -15,6 +16,7 @@ from export.onnx_export import (
     ParityError,
     check_parity,
     export_graph,
+    export_rollout_graph,
     export_to_repository,
     parity_grids,
 )
@@ -78,6 +80,30 @@ def test_graph_input_and_output_follow_the_contract(tmp_path: Path) -> None:
     assert (out.name, out.type) == ("logits", "tensor(float)")
     (logits,) = session.run(None, {"patches": np.zeros((3, 2, 5, 48), np.uint8)})
     assert logits.shape == (3, 7)
+
+
+def readers_of(graph: Path, name: str = "patches") -> list[tuple[str, int | None]]:
+    """Every node that reads `name`: its op type and, for a Cast, the type it casts to."""
+    nodes = onnx.load(str(graph), load_external_data=False).graph.node
+    return [
+        (n.op_type, next((a.i for a in n.attribute if a.name == "to"), None))
+        for n in nodes
+        if name in n.input
+    ]
+
+
+def test_the_uint8_patches_feed_one_cast_and_the_grid_is_read_after_it(tmp_path: Path) -> None:
+    # TensorRT takes uint8 only as a network input or output: a Shape node reading `patches`
+    # itself keeps it from parsing the graph. So `patches` feeds exactly one Cast to float32,
+    # in both graphs, and the grid's Shape nodes read the cast tensor.
+    plain, rollout = tmp_path / "m.onnx", tmp_path / "r.onnx"
+    export_graph(_model().folded(), plain)
+    export_rollout_graph(_model().folded(), rollout)
+    for graph in (plain, rollout):
+        assert readers_of(graph) == [("Cast", onnx.TensorProto.FLOAT)], graph.name
+        model = onnx.load(str(graph))
+        (cast,) = [n for n in model.graph.node if "patches" in n.input]
+        assert any(n.op_type == "Shape" for n in model.graph.node if cast.output[0] in n.input)
 
 
 def test_export_writes_the_graph_and_a_model_json_with_its_sha256(tmp_path: Path) -> None:

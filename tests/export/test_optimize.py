@@ -4,6 +4,7 @@ both keeping the ONNX contract, recorded in model.json and served by the service
 from __future__ import annotations
 
 import collections
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -193,9 +194,26 @@ def test_export_records_the_optimisation_in_model_json(tmp_path: Path) -> None:
     assert spec.inputs[0].dtype == "uint8" and spec.outputs[0].dtype == "float32"
 
 
-def test_a_model_json_written_before_optimisation_existed_still_loads() -> None:
-    spec = ModelSpec.load(DEMO_MODEL / SPEC_FILENAME)
+def test_a_model_json_written_before_optimisation_existed_still_loads(tmp_path: Path) -> None:
+    # The demo model's model.json as it was before `optimization` was recorded.
+    written = json.loads((DEMO_MODEL / SPEC_FILENAME).read_text())
+    for files in written["versions"].values():
+        files.pop("optimization", None)
+    (tmp_path / SPEC_FILENAME).write_text(json.dumps(written))
+    spec = ModelSpec.load(tmp_path / SPEC_FILENAME)
     assert all(files.optimization.level == "none" for files in spec.versions.values())
+
+
+@pytest.mark.parametrize("form", ["fused", "fp16"])
+def test_optimised_graphs_still_cast_the_patches_first(graphs: Graphs, form: str) -> None:
+    # As the plain graph (tests/export/test_onnx_export.py): `patches` feeds one Cast, to
+    # float32, or straight to float16 in the fp16 form.
+    nodes = onnx.load(str(getattr(graphs, form))).graph.node
+    readers = [n for n in nodes if "patches" in n.input]
+    assert [n.op_type for n in readers] == ["Cast"]
+    (to,) = [a.i for a in readers[0].attribute if a.name == "to"]
+    float_type = onnx.TensorProto.FLOAT16 if form == "fp16" else onnx.TensorProto.FLOAT
+    assert to == float_type
 
 
 @pytest.mark.anyio
