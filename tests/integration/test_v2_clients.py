@@ -296,3 +296,20 @@ def test_kserve_v2_rest_client(live: Live) -> None:
     )
     assert np.allclose(answer["outputs"]["logits"], ours.as_numpy("logits"), atol=1e-6)
     assert np.allclose(answer["outputs"]["probabilities"], ours.as_numpy("probabilities"))
+
+
+def test_draining_turns_readiness_off_and_shutdown_stops_grpc(tiny_repo: TinyRepo) -> None:
+    settings = Settings(model_repo=tiny_repo.root, log_level="WARNING")
+    grids = np.zeros((1, 8, 8, 192), np.uint8)
+    with live_server(settings) as live:
+        live.app.state.lifecycle.begin_drain()
+        client = triton_grpc.InferenceServerClient(live.grpc)
+        assert not client.is_server_ready()
+        assert not client.is_model_ready("tiny")
+        assert httpx.get(f"{live.url}/v2/health/ready").status_code == 503
+        # Served as HTTP requests are while load balancers notice.
+        assert client.infer("tiny", [patches(triton_grpc, grids)]).as_numpy("logits") is not None
+        address = live.grpc
+    with pytest.raises(InferenceServerException) as gone:
+        triton_grpc.InferenceServerClient(address).is_server_live(client_timeout=2)
+    assert status(gone.value) in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")

@@ -9,7 +9,9 @@ UNAUTHENTICATED, 404 NOT_FOUND, 503 UNAVAILABLE (with `retry-after` in the trail
 X-Request-Timeout-Ms does over HTTP. The inference key, where the server has one, travels in
 the metadata as over HTTP: `authorization: Bearer <key>` or `x-api-key: <key>`.
 Each call is logged and counted like an HTTP request (route: the method's path, protocol
-v2-grpc).
+v2-grpc). While the server drains for shutdown (app/server.py) readiness is off (ServerReady,
+ModelReady: false) and calls are served as HTTP requests are; the lifespan's shutdown then stops
+the server, which lets calls in flight finish for up to `drain_timeout_s`.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from app.core.settings import Settings
 from app.http.auth import FORMS
 from app.http.errors import RETRY_AFTER_S
 from app.http.metrics import V2_GRPC, Metrics, error_reason
-from app.http.middleware import DRAINING_MESSAGE, Lifecycle
+from app.http.middleware import Lifecycle
 from app.http.v2 import protocol
 from app.http.v2.proto import grpc_service_pb2 as pb
 from app.http.v2.proto import grpc_service_pb2_grpc as pb_grpc
@@ -316,8 +318,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def infer() -> pb.ModelInferResponse:
             check_key(self.settings.api_key, _metadata(context))
-            if self.lifecycle.draining:
-                raise NotReadyError(DRAINING_MESSAGE)
             service = self._ready()
             remaining = context.time_remaining()
             with service.admission():
