@@ -23,6 +23,8 @@ preprocessing for other models): top-1 agreement at least `Gate.min_agreement` (
 labelled inputs accuracy no more than `Gate.max_accuracy_drop` (0.5 points) below fp32's. The
 worst logit difference is reported. A graph that fails is not written (`Int8GateError` says
 why).
+
+No PyTorch at import: the service's tests quantise graphs with it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ from numpy.typing import NDArray
 from app.core.settings import Settings
 from app.models.spec import Int8Gate, ModelSpec
 from app.pipeline.imaging import ImageError, prepare
-from export.optimize import fused_op_counts
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,8 @@ def photo_held_out(spec: ModelSpec, folder: Path) -> HeldOut:
 
 def int8_op_counts(graph: Path) -> dict[str, int]:
     """The fused operators and the int8 ones the graph holds (zero counts left out)."""
+    from export.optimize import fused_op_counts  # PyTorch: not at import, the service's tests
+
     model = onnx.load(str(graph), load_external_data=False)
     counts = collections.Counter(n.op_type for n in model.graph.node if n.op_type in INT8_OPS)
     return dict(sorted({**fused_op_counts(model), **counts}.items()))

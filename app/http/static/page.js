@@ -132,8 +132,10 @@
     el.version.replaceChildren();
     if (!model) return;
     for (const v of [...model.versions].reverse()) {
+      const form = versionForm(model, v);
+      const notes = [form, v === model.default_version ? "default" : ""].filter(Boolean);
       const option = new Option(
-        v === model.default_version ? `${v} (default)` : String(v), String(v),
+        notes.length ? `${v} (${notes.join(", ")})` : String(v), String(v),
       );
       option.selected = v === model.default_version;
       el.version.append(option);
@@ -142,6 +144,13 @@
     el.topK.max = String(model.num_classes);
     if (Number(el.topK.value) > model.num_classes) el.topK.value = String(model.num_classes);
     describeModel();
+  }
+
+  // A version's graph form as /models reports it: none, fused, fp16 or int8.
+  function versionForm(model, version) {
+    const forms = model.version_optimization || {};
+    return forms[String(version)]
+      || (version === model.default_version ? model.optimization : "");
   }
 
   function describeModel() {
@@ -154,10 +163,13 @@
       ? "squashed to the input size"
       : `shorter side to ${Math.floor(Math.min(h, w) / pre.crop_pct)} px, centre crop`;
     const rollout = hasRollout() ? "" : " · no rollout graph in this version: no heatmap";
+    const form = versionForm(model, currentVersion());
+    const graph = form === "int8" ? "int8 graph (rollout maps from the fp32 graph)"
+      : form ? `${form} graph` : "graph";
     el.modelInfo.textContent =
       `${model.name} v${currentVersion()}: ${model.num_classes} classes, patch ` +
       `${model.patch_size} px, native grid ${gh}×${gw} (${w}×${h} px; crop: ${crop}), ` +
-      `on ${model.provider}${rollout}`;
+      `${graph} on ${model.provider}${rollout}`;
   }
 
   async function loadModels() {
