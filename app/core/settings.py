@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         description="TensorRT engine and timing caches (per model, version, graph sha256 and "
         "profile below it): a start finds its engines here instead of building them",
     )
+    require_gpu: bool = Field(
+        default=False,
+        description="a GPU deployment: a model version whose sessions land on the CPU (no "
+        "driver, CUDA or TensorRT libraries that do not load, a provider that fails) is not "
+        "served and the replica is not ready, with the reason in /readyz and /models",
+    )
     model_failure_threshold: int = Field(
         default=3,
         gt=0,

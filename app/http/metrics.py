@@ -185,9 +185,10 @@ class Metrics:
         )
         self.model_info = Gauge(
             "model_info",
-            "1 for each served model version, with its provider, native grid and graph form "
-            "(optimization: none, fused, fp16)",
-            ["model", "version", "provider", "grid", "optimization"],
+            "1 for each served model version, with the provider that runs its graph (from ONNX "
+            "Runtime's node assignment), the provider wanted for it (they differ after a "
+            "fallback), native grid and graph form (optimization: none, fused, fp16)",
+            ["model", "version", "provider", "wanted", "grid", "optimization"],
             namespace=ns,
             registry=r,
         )
@@ -205,12 +206,13 @@ class Metrics:
         """One `model_info` series per served version; re-run whenever a reload or a fault
         changes what is served."""
         self.model_info.clear()
-        for version, provider in models.versions_served():
+        for version, placement in models.placements_served():
             grid = version.spec.architecture.grid
             self.model_info.labels(
                 model=version.name,
                 version=str(version.version),
-                provider=provider,
+                provider=placement.provider,
+                wanted=placement.wanted or placement.provider,
                 grid=f"{grid[0]}x{grid[1]}",
                 optimization=graph_form(version.spec, version.version),
             ).set(1)

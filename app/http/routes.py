@@ -106,8 +106,12 @@ async def readyz(service: ServiceDep) -> Status:
     """Loaded and warmed up, at least one model version serving, and not stopping.
 
     A model that cannot serve does not take the replica out of its load balancer: the others
-    still serve, and GET /models says what is not ready and why.
+    still serve, and GET /models says what is not ready and why. Except with
+    VIT_SERVE_REQUIRE_GPU: a version whose sessions landed on the CPU keeps the replica out.
     """
+    reason = service.models.not_ready_reason
+    if reason is not None:
+        raise NotReadyError(f"VIT_SERVE_REQUIRE_GPU is set and {reason}")
     if not service.serving:
         raise NotReadyError(
             "no model can be served; GET /models lists each one's reason"
@@ -124,7 +128,8 @@ async def models(service: ServiceDep) -> ModelsResponse:
     for name, entry in sorted(repository.models.items()):
         spec = entry.spec
         arch = spec.architecture
-        provider = service.models.provider(entry)
+        placement = service.models.placement(entry)
+        provider = placement.provider
         infos.append(
             ModelInfo(
                 name=name,
@@ -139,6 +144,9 @@ async def models(service: ServiceDep) -> ModelsResponse:
                 fit_max_tokens=service.fit_max_tokens(spec),
                 preprocess=PreprocessInfo.model_validate(spec.preprocess),
                 provider=provider,
+                placement=placement.node_counts(),
+                wanted_provider=placement.wanted or provider,
+                fallback=placement.fallback,
                 optimization=graph_form(spec, entry.default_version),
                 version_optimization={v: graph_form(spec, v) for v in sorted(entry.versions)},
                 tensorrt_fp16=service.settings.trt_fp16 if provider == TENSORRT else None,
@@ -148,4 +156,9 @@ async def models(service: ServiceDep) -> ModelsResponse:
         NotReady(model=u.model, version=u.version, reason=u.reason)
         for _, u in sorted(repository.unavailable.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
     ]
-    return ModelsResponse(default_model=repository.default_model, models=infos, not_ready=not_ready)
+    return ModelsResponse(
+        default_model=repository.default_model,
+        models=infos,
+        not_ready=not_ready,
+        replica_not_ready=service.models.not_ready_reason,
+    )

@@ -72,7 +72,26 @@ class ModelInfo(_Schema):
     input_size: tuple[int, int] = Field(description="[height, width] in pixels of the native grid")
     fit_max_tokens: int = Field(description="token cap of the `fit` resize policy")
     preprocess: PreprocessInfo
-    provider: str = Field(description="ONNX Runtime execution provider in use")
+    provider: str = Field(
+        description="the ONNX Runtime execution provider that runs the default version's graph: "
+        "the one ONNX Runtime assigned most of its matrix products and attention to, read from "
+        "its node assignment (not the providers it was offered)"
+    )
+    placement: dict[str, int] = Field(
+        default_factory=dict,
+        description="nodes of the graph ONNX Runtime assigned to each provider (shape arithmetic "
+        "stays on the CPU on any provider); empty where it keeps no record",
+    )
+    wanted_provider: str = Field(
+        default="",
+        description="the provider the service wanted for the graph (TensorRT, CUDA, CPU: the "
+        "best this ONNX Runtime build has for its form)",
+    )
+    fallback: str | None = Field(
+        default=None,
+        description="why the graph runs on `provider` rather than `wanted_provider` (driver, "
+        "libraries, a failed engine build...); null when it runs where wanted",
+    )
     optimization: Literal["none", "fused", "fp16", "int8"] = Field(
         default="none",
         description="the default version's graph form (model.json versions.<n>.optimization): "
@@ -100,6 +119,11 @@ class ModelsResponse(_Schema):
     not_ready: list[NotReady] = Field(
         description="models and versions in the repository that cannot serve, and why; their "
         "requests get 503 (the other models keep serving)"
+    )
+    replica_not_ready: str | None = Field(
+        default=None,
+        description="why GET /readyz answers 503 although models serve: VIT_SERVE_REQUIRE_GPU is "
+        "set and sessions that should run on a GPU landed on the CPU; null otherwise",
     )
 
 

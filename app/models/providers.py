@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,17 +54,18 @@ def candidate_providers(
     driver: bool,
     tensorrt_libraries: bool,
     takes_tensorrt: bool,
+    cuda_libraries: bool = True,
 ) -> list[str]:
     """The providers to offer a graph, best first; CPU always last.
 
     `requested`: the operator's list, less what this ONNX Runtime build lacks; None: TensorRT,
-    CUDA, CPU, without TensorRT where its libraries do not load, and nothing GPU without a
-    driver (onnxruntime-gpu lists its GPU providers on every machine). A graph that does not
-    `takes_tensorrt` gets CUDA in TensorRT's place, even when TensorRT was asked for; CUDA
-    always follows TensorRT.
+    CUDA, CPU, without TensorRT or CUDA where their libraries do not load, and nothing GPU
+    without a driver (onnxruntime-gpu lists its GPU providers on every machine). A graph that
+    does not `takes_tensorrt` gets CUDA in TensorRT's place, even when TensorRT was asked for;
+    CUDA always follows TensorRT.
     """
     if requested is None:
-        gpu = [TENSORRT, CUDA] if tensorrt_libraries else [CUDA]
+        gpu = ([TENSORRT] if tensorrt_libraries else []) + ([CUDA] if cuda_libraries else [])
         wanted = gpu if driver else []
     else:
         wanted = list(requested)
@@ -89,6 +90,97 @@ def graph_form(spec: ModelSpec, version: int) -> OptimizationLevel:
 def takes_tensorrt(level: OptimizationLevel, rollout: bool) -> bool:
     """Whether TensorRT can take this graph whole (see the module's docstring)."""
     return level == "none" and not rollout
+
+
+def fallback_chain(providers: Sequence[str]) -> list[list[str]]:
+    """The provider lists the service tries for one graph, in turn: all of them, then without
+    the first, and so on down to the CPU alone ([TensorRT, CUDA, CPU] -> [CUDA, CPU] -> [CPU]).
+
+    ONNX Runtime's own fallback is off (`app.models.runtime.open_session`): the service moves
+    down this chain itself, so each step is logged with its reason.
+    """
+    chain = [list(providers[i:]) for i in range(len(providers))]
+    return [c for c in chain if c] or [[CPU]]
+
+
+# Operators that carry a ViT's arithmetic: where these run is where the graph runs. (Shape
+# arithmetic, reshapes and the like are put on the CPU by ONNX Runtime on purpose, whatever the
+# provider, and say nothing about it.)
+COMPUTE_OPS = frozenset(
+    {
+        "MatMul",
+        "Gemm",
+        "FusedMatMul",
+        "MatMulInteger",
+        "QLinearMatMul",
+        "MatMulNBits",
+        "Conv",
+        "Attention",
+        "MultiHeadAttention",
+        "GroupQueryAttention",
+        "PackedAttention",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one session's graph runs: the nodes ONNX Runtime assigned to each provider (its
+    graph assignment record), not the providers it was offered.
+
+    `provider`: the one that runs most of the graph's matrix products and attention (most
+    nodes where there are none); `fallback`: why that is not the provider the service wanted
+    first, or None.
+    """
+
+    provider: str
+    nodes: tuple[tuple[str, int], ...] = ()  # (provider, nodes), most first; () not recorded
+    compute: tuple[tuple[str, int], ...] = ()  # the same, of COMPUTE_OPS nodes only
+    wanted: str | None = None
+    fallback: str | None = None
+
+    @classmethod
+    def of_nodes(cls, assigned: Sequence[tuple[str, str]], registered: Sequence[str]) -> Placement:
+        """From (provider, op type) per assigned node; `registered`: the session's providers,
+        best first, to name one when nothing was recorded."""
+        nodes = _counts(p for p, _ in assigned)
+        compute = _counts(p for p, op in assigned if op in COMPUTE_OPS)
+        ranked = compute or nodes
+        provider = ranked[0][0] if ranked else (registered[0] if registered else CPU)
+        return cls(provider, nodes, compute)
+
+    def with_fallback(self, wanted: str, reason: str | None) -> Placement:
+        """Marked with the provider wanted first and, where this is not it, why."""
+        why = None if self.provider == wanted else (reason or f"{wanted} ran none of its nodes")
+        return Placement(self.provider, self.nodes, self.compute, wanted, why)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.provider in GPU_PROVIDERS
+
+    def node_counts(self) -> dict[str, int]:
+        return dict(self.nodes)
+
+    def shown(self) -> str:
+        """`TensorrtExecutionProvider (398 nodes, 96 compute), CPUExecutionProvider (12
+        nodes)` for the log; the provider alone where nothing was recorded."""
+        if not self.nodes:
+            return self.provider
+        compute = dict(self.compute)
+        parts = []
+        for provider, count in self.nodes:
+            inner = f"{count} nodes" + (
+                f", {compute[provider]} compute" if provider in compute else ""
+            )
+            parts.append(f"{provider} ({inner})")
+        return ", ".join(parts)
+
+
+def _counts(providers: Iterable[str]) -> tuple[tuple[str, int], ...]:
+    counted: dict[str, int] = {}
+    for p in providers:
+        counted[p] = counted.get(p, 0) + 1
+    return tuple(sorted(counted.items(), key=lambda kv: -kv[1]))
 
 
 def fit_grids(
@@ -170,9 +262,11 @@ def engine_cache_dir(
     per graph file and options.
 
     ONNX Runtime names a cached engine after the graph's node names and its file path, not its
-    weights, and does not notice changed profiles or precision: a re-exported graph, or another
-    batch size, found in the same directory would load a stale engine. Keying the directory by
-    the graph's sha256 (from model.json) and the options makes a stale engine unreachable.
+    weights, and does not notice changed profiles or precision, versions or GPUs: a re-exported
+    graph, another batch size, an upgraded ONNX Runtime or TensorRT, or another GPU model
+    finding the same directory would load a stale engine. Keying the directory by the graph's
+    sha256 (from model.json) and `options_key` (`tensorrt_options_key`: profile, precision and
+    `EnginePlatform`) makes a stale engine unreachable.
     """
     key = hashlib.sha256(f"{graph_sha256}|{options_key}".encode()).hexdigest()[:16]
     return root / model / str(version) / key
@@ -205,9 +299,26 @@ def tensorrt_options(config: TensorrtConfig) -> dict[str, str]:
     }
 
 
-def tensorrt_options_key(profile: Profile, fp16: bool) -> str:
-    """What in the options changes the engine built (for `engine_cache_dir`)."""
-    return f"{profile.min}|{profile.opt}|{profile.max}|fp16={fp16}"
+@dataclass(frozen=True)
+class EnginePlatform:
+    """What a TensorRT engine is built for besides the graph and its options. Engines are not
+    portable across ONNX Runtime or TensorRT versions nor across GPUs: a cache kept on a volume
+    across an upgrade would otherwise hand the new build an engine it cannot deserialise."""
+
+    onnxruntime: str
+    tensorrt: str | None  # None: not known (its library did not say)
+    gpu: str | None  # the GPU's name; None: not known
+    capability: tuple[int, int] | None  # compute capability, (9, 0) for an H100 or H200
+
+    def key(self) -> str:
+        cc = f"sm_{self.capability[0]}{self.capability[1]}" if self.capability else "sm_unknown"
+        return f"ort={self.onnxruntime}|trt={self.tensorrt}|gpu={self.gpu}|{cc}"
+
+
+def tensorrt_options_key(profile: Profile, fp16: bool, platform: EnginePlatform) -> str:
+    """What changes the engine built (for `engine_cache_dir`): the profile, the precision, and
+    the versions and GPU it is built with and for."""
+    return f"{profile.min}|{profile.opt}|{profile.max}|fp16={fp16}|{platform.key()}"
 
 
 def cuda_options() -> dict[str, str]:

@@ -1,28 +1,39 @@
-"""ONNX Runtime sessions: one per graph of each model version, on the best provider that works."""
+"""ONNX Runtime sessions: one per graph of each model version, on the best provider that works.
+
+"Works" is checked, not assumed: ONNX Runtime's own fallback (its Python wrapper re-creating a
+failed session on other providers and printing why to stdout) is off, the service moves down
+TensorRT -> CUDA -> CPU itself and logs each step's reason (`open_on_best`), and where a session
+runs is read from ONNX Runtime's record of which provider each node was assigned to
+(`Placement`), not from the providers it was offered.
+"""
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
 from app.core.settings import Settings
+from app.models import native
 from app.models import providers as prov
 from app.models.providers import CPU as CPU  # re-exported: callers name providers from here too
 from app.models.providers import CUDA as CUDA
-from app.models.providers import GPU_PROVIDERS, Profile, TensorrtConfig
+from app.models.providers import GPU_PROVIDERS, EnginePlatform, Placement, Profile, TensorrtConfig
 from app.models.providers import TENSORRT as TENSORRT
 from app.models.repository import ModelVersion
 from app.models.spec import ModelSpec, RolloutParams
 
 log = logging.getLogger(__name__)
+
+# Session option: keep ONNX Runtime's record of which provider each node was assigned to.
+RECORD_ASSIGNMENT = "session.record_ep_graph_assignment_info"
 
 
 class Backend(Protocol):
@@ -53,26 +64,40 @@ class RuntimeLoadError(RuntimeError):
     """A graph could not be loaded into ONNX Runtime."""
 
 
-def _loads(*names: str) -> bool:
-    for name in names:
-        try:
-            ctypes.CDLL(name)
-        except OSError:
-            continue
-        return True
-    return False
-
-
 def _cuda_driver_present() -> bool:
     # onnxruntime-gpu lists the CUDA and TensorRT providers on every machine and, without a
     # driver, prints a page of errors before falling back; a missing libcuda settles it quietly.
-    return _loads("libcuda.so.1")
+    return native.driver_present()
+
+
+@functools.cache
+def _preloaded() -> None:
+    """NVIDIA's CUDA and cuDNN wheels loaded where they help (`native.preload_nvidia_wheels`),
+    once per process, before any provider is probed."""
+    native.preload_nvidia_wheels()
+
+
+def provider_problem(provider: str) -> str | None:
+    """Why a GPU provider cannot run here: no driver, or a library its provider library links
+    against (at the SONAME it links against) that loads neither from the loader's path nor from
+    NVIDIA's wheels; None where every one loads (and is now loaded), or for the CPU."""
+    if provider not in GPU_PROVIDERS:
+        return None
+    if not _cuda_driver_present():
+        return f"no NVIDIA driver ({native.DRIVER} does not load)"
+    _preloaded()
+    libraries = native.tensorrt_provider() if provider == TENSORRT else native.cuda_provider()
+    return libraries.reason()
 
 
 def _tensorrt_libraries_present() -> bool:
-    # The same for TensorRT, whose libraries are a separate install (the CUDA image may lack
-    # them): without libnvinfer ONNX Runtime logs a failure per session and drops TensorRT.
-    return _loads("libnvinfer.so.10", "libnvinfer.so.8")
+    # Every library TensorRT's provider links against (libnvinfer, libnvonnxparser, cuDNN,
+    # cuBLAS, ...), at its SONAME: an image without them would fail each session's TensorRT.
+    return provider_problem(TENSORRT) is None
+
+
+def _cuda_libraries_present() -> bool:
+    return provider_problem(CUDA) is None
 
 
 def candidate_providers(requested: list[str] | None, takes_tensorrt: bool = False) -> list[str]:
@@ -88,13 +113,36 @@ def candidate_providers(requested: list[str] | None, takes_tensorrt: bool = Fals
         unknown = [p for p in requested if p not in available]
         if unknown:
             log.warning("providers %s are not in this ONNX Runtime build (%s)", unknown, available)
-    driver = _cuda_driver_present()
+    gpu_build = bool(GPU_PROVIDERS & set(available))
+    driver = gpu_build and _cuda_driver_present()
+    auto = requested is None
     return prov.candidate_providers(
         requested,
         available,
         driver=driver,
-        tensorrt_libraries=takes_tensorrt and driver and _tensorrt_libraries_present(),
+        tensorrt_libraries=auto and takes_tensorrt and driver and _tensorrt_libraries_present(),
         takes_tensorrt=takes_tensorrt,
+        cuda_libraries=auto and driver and _cuda_libraries_present(),
+    )
+
+
+def wanted_provider(requested: list[str] | None, takes_tensorrt: bool) -> str:
+    """The provider a graph would get on a machine where every library of this ONNX Runtime
+    build loads: what a session is measured against when it lands elsewhere."""
+    available = ort.get_available_providers()
+    return prov.candidate_providers(
+        requested, available, driver=True, tensorrt_libraries=True, takes_tensorrt=takes_tensorrt
+    )[0]
+
+
+def engine_platform() -> EnginePlatform:
+    """The versions and GPU a TensorRT engine built now is for (part of its cache key)."""
+    gpu = native.gpu()
+    return EnginePlatform(
+        onnxruntime=ort.__version__,
+        tensorrt=native.tensorrt_version(),
+        gpu=gpu.name if gpu is not None else None,
+        capability=gpu.capability if gpu is not None else None,
     )
 
 
@@ -106,6 +154,10 @@ class ExecutionPlan:
     options: dict[str, dict[str, str]]
     profile: Profile | None  # TensorRT's, where TensorRT is offered
     optimization: str  # the graph's form, from model.json
+    # What the graph would run on were every library there (`wanted_provider`), and why the
+    # GPU providers that are not offered or will fail cannot run here.
+    wanted: str = CPU
+    problems: dict[str, str] = field(default_factory=dict)
 
     def describe(self, provider: str) -> str:
         """For the log line of a loaded graph: the provider in use and what matters of it."""
@@ -118,7 +170,11 @@ def execution_plan(settings: Settings, version: ModelVersion, rollout: bool) -> 
     spec = version.spec
     files = spec.versions.get(version.version)
     level = prov.graph_form(spec, version.version)
-    providers = candidate_providers(settings.providers, prov.takes_tensorrt(level, rollout))
+    takes = prov.takes_tensorrt(level, rollout)
+    providers = candidate_providers(settings.providers, takes)
+    wanted = wanted_provider(settings.providers, takes)
+    gpu_wanted = [p for p in dict.fromkeys([wanted, *providers]) if p in GPU_PROVIDERS]
+    problems = {p: why for p in gpu_wanted if (why := provider_problem(p)) is not None}
     tensorrt = None
     profile = None
     if TENSORRT in providers and files is not None:
@@ -129,7 +185,7 @@ def execution_plan(settings: Settings, version: ModelVersion, rollout: bool) -> 
             settings.max_batch_size,
             settings.batch_tokens(gpu=True),
         )
-        key = prov.tensorrt_options_key(profile, settings.trt_fp16)
+        key = prov.tensorrt_options_key(profile, settings.trt_fp16, engine_platform())
         tensorrt = TensorrtConfig(
             input_name=spec.input_name,
             profile=profile,
@@ -139,7 +195,66 @@ def execution_plan(settings: Settings, version: ModelVersion, rollout: bool) -> 
                 settings.trt_cache_dir, spec.name, version.version, files.model, key
             ),
         )
-    return ExecutionPlan(providers, prov.provider_options(providers, tensorrt), profile, level)
+    options = prov.provider_options(providers, tensorrt)
+    return ExecutionPlan(providers, options, profile, level, wanted, problems)
+
+
+def open_placed_session(
+    graph: Path,
+    providers: list[str],
+    intra_op_threads: int = 0,
+    spinning: bool = False,
+    options: Mapping[str, dict[str, str]] | None = None,
+) -> tuple[ort.InferenceSession, Placement]:
+    """A session on exactly `providers`, and where its nodes were placed.
+
+    `spinning`: let ORT's intra-op threads spin-wait for work after each run. A benchmark of
+    one session alone gains a little from it; a server loses more, because the spinning threads
+    burn the cores that decoding and the event loop need between batches. `options`: per
+    provider (`app.models.providers.provider_options`).
+
+    ONNX Runtime's fallback is off (`enable_fallback=0`: neither at creation nor, later, when a
+    run fails does its wrapper move the session to other providers by itself and print why to
+    stdout), so a provider that fails raises RuntimeLoadError here and the caller decides
+    (`open_on_best`). A provider whose libraries do not load is still dropped by ONNX Runtime
+    without an error (a line on stderr): the placement shows it.
+    """
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = intra_op_threads
+    session_options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if spinning else "0"
+    )
+    session_options.add_session_config_entry(RECORD_ASSIGNMENT, "1")
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if options is not None and TENSORRT in providers and TENSORRT in options:
+        # TensorRT creates its cache directories only one level deep.
+        Path(options[TENSORRT]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+    per_provider = [dict((options or {}).get(p, {})) for p in providers]
+    try:
+        session = ort.InferenceSession(
+            str(graph),
+            session_options,
+            providers=providers,
+            provider_options=per_provider,
+            enable_fallback=0,
+        )
+    except Exception as exc:  # ORT raises its own untyped errors (Fail, InvalidGraph, ...)
+        raise RuntimeLoadError(f"could not load {graph} on {providers}: {exc}") from exc
+    return session, placement_of_session(session)
+
+
+def placement_of_session(session: ort.InferenceSession) -> Placement:
+    """Where ONNX Runtime put each node of `session`'s graph (its assignment record; the
+    registered providers alone where this ONNX Runtime keeps none)."""
+    try:
+        assigned = [
+            (str(sub.ep_name), str(node.op_type))
+            for sub in session.get_provider_graph_assignment_info()
+            for node in sub.get_nodes()
+        ]
+    except (AttributeError, RuntimeError):  # older releases, or recording not enabled
+        assigned = []
+    return Placement.of_nodes(assigned, [str(p) for p in session.get_providers()])
 
 
 def open_session(
@@ -149,34 +264,12 @@ def open_session(
     spinning: bool = False,
     options: Mapping[str, dict[str, str]] | None = None,
 ) -> tuple[ort.InferenceSession, str]:
-    """A session on the first of `providers` that really works, and that provider's name.
-
-    `spinning`: let ORT's intra-op threads spin-wait for work after each run. A benchmark of
-    one session alone gains a little from it; a server loses more, because the spinning threads
-    burn the cores that decoding and the event loop need between batches. `options`: per
-    provider (`app.models.providers.provider_options`).
-    """
-    session_options = ort.SessionOptions()
-    session_options.intra_op_num_threads = intra_op_threads
-    session_options.add_session_config_entry(
-        "session.intra_op.allow_spinning", "1" if spinning else "0"
-    )
-    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if options is not None and TENSORRT in providers and TENSORRT in options:
-        # TensorRT creates its cache directories only one level deep.
-        Path(options[TENSORRT]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
-    per_provider = [dict((options or {}).get(p, {})) for p in providers]
-    try:
-        session = ort.InferenceSession(
-            str(graph), session_options, providers=providers, provider_options=per_provider
-        )
-    except Exception as exc:  # ORT raises its own untyped errors (Fail, InvalidGraph, ...)
-        raise RuntimeLoadError(f"could not load {graph}: {exc}") from exc
-    # ORT silently drops a provider whose libraries fail to load: ask what it really uses.
-    provider = str(session.get_providers()[0])
-    if providers[0] != provider:
-        log.warning("%s: wanted %s, running on %s", graph, providers[0], provider)
-    return session, provider
+    """A session on `providers` (see `open_placed_session`) and the provider that runs its
+    graph's arithmetic."""
+    session, placement = open_placed_session(graph, providers, intra_op_threads, spinning, options)
+    if placement.provider != providers[0]:
+        log.warning("%s: wanted %s, running on %s", graph, providers[0], placement.shown())
+    return session, placement.provider
 
 
 def run_session(
@@ -235,22 +328,30 @@ class OnnxBackend:
         io_binding: bool | None = None,
     ) -> None:
         self.spec = spec
-        self._session, self._provider = open_session(
+        self._session, self.placement = open_placed_session(
             graph, providers, intra_op_threads, spinning, options
         )
         self._input = spec.input_name
         self._output = spec.outputs[0].name
-        self._device = _binding_device(self._provider, io_binding)
-        self._profile = profile if self._provider == TENSORRT else None
+        self._device = _binding_device(self.placement.provider, io_binding)
+        self._profile = profile if self.placement.provider == TENSORRT else None
         self._outside: tuple[ort.InferenceSession, str | None] | None = None
+        self.outside_placement: Placement | None = None  # where grids beyond the profile run
         if self._profile is not None:
             rest = [p for p in providers if p != TENSORRT]
-            session, provider = open_session(graph, rest, intra_op_threads, spinning, options)
-            self._outside = (session, _binding_device(provider, io_binding))
+            session, placed = open_placed_session(graph, rest, intra_op_threads, spinning, options)
+            self._outside = (session, _binding_device(placed.provider, io_binding))
+            self.outside_placement = placed.with_fallback(rest[0], None)
 
     @property
     def provider(self) -> str:
-        return self._provider
+        """The provider that runs the graph's arithmetic (`Placement.provider`)."""
+        return self.placement.provider
+
+    @property
+    def placements(self) -> list[Placement]:
+        """Every session's placement: this graph's, then its CUDA session beside TensorRT's."""
+        return [self.placement] + ([self.outside_placement] if self.outside_placement else [])
 
     @property
     def io_binding(self) -> bool:
@@ -302,14 +403,18 @@ class OnnxRolloutBackend:
         self._patches, self._fusion, self._ratio = (t.name for t in contract.inputs)
         self._outputs = [t.name for t in contract.outputs]
         self._fusion_index = {name: i for i, name in enumerate(contract.head_fusions)}
-        self._session, self._provider = open_session(
+        self._session, self.placement = open_placed_session(
             graph, providers, intra_op_threads, spinning, options
         )
-        self._device = _binding_device(self._provider, io_binding)
+        self._device = _binding_device(self.placement.provider, io_binding)
 
     @property
     def provider(self) -> str:
-        return self._provider
+        return self.placement.provider
+
+    @property
+    def placements(self) -> list[Placement]:
+        return [self.placement]
 
     def run(
         self, patches: NDArray[np.uint8], params: RolloutParams
@@ -334,3 +439,115 @@ class OnnxRolloutBackend:
                 f"model {self.spec.name}: the rollout graph returns outputs of shapes {got}, "
                 f"model.json promises {expected}"
             )
+
+
+# --- the service's own fallback ----------------------------------------------------------------
+
+B = TypeVar("B", OnnxBackend, OnnxRolloutBackend)
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """One step down the provider chain for one graph."""
+
+    provider: str  # the provider tried
+    reason: str
+    next: list[str]  # what is tried next
+
+
+def open_on_best(
+    make: Callable[[list[str]], B], plan: ExecutionPlan, graph: str
+) -> tuple[B, list[Fallback]]:
+    """`make(providers)` (a backend, warmed up) on the plan's providers, and on failure down
+    `fallback_chain` (TensorRT -> CUDA -> CPU); each step logged as a JSON line with its reason
+    (`provider_fallback`). The backend's placement is then marked with the provider the graph
+    wanted and, where it runs elsewhere, why: the steps', or the plan's reason for a provider it
+    could not offer, or ONNX Runtime having assigned it nothing. Raises the CPU's error when even
+    the CPU cannot run the graph.
+    """
+    steps: list[Fallback] = []
+    chain = prov.fallback_chain(plan.providers)
+    for i, providers in enumerate(chain):
+        try:
+            backend = make(providers)
+        except RuntimeLoadError as exc:
+            if i == len(chain) - 1:
+                raise
+            error = _first_line(str(exc))
+            known = plan.problems.get(providers[0])
+            step = Fallback(providers[0], f"{known}; {error}" if known else error, chain[i + 1])
+            steps.append(step)
+            log.warning(
+                "%s: %s failed, trying %s: %s",
+                graph,
+                step.provider,
+                step.next,
+                step.reason,
+                extra={
+                    "event": "provider_fallback",
+                    "graph": graph,
+                    "provider": step.provider,
+                    "next": step.next,
+                    "reason": step.reason,
+                },
+            )
+            continue
+        # Besides the steps: a provider ONNX Runtime dropped without an error (its libraries
+        # did not load), or the wanted one never offered (no driver, no libraries).
+        silent = None
+        if backend.placement.provider != providers[0]:
+            silent = f"{providers[0]}: {plan.problems.get(providers[0], _NOTHING_ASSIGNED)}"
+        elif plan.wanted not in providers and not steps:
+            silent = f"{plan.wanted}: {plan.problems.get(plan.wanted, 'not offered to it')}"
+        reasons = [f"{s.provider}: {s.reason}" for s in steps] + ([silent] if silent else [])
+        backend.placement = backend.placement.with_fallback(plan.wanted, "; ".join(reasons) or None)
+        if silent is not None and backend.placement.fallback is not None:
+            # On a machine without a driver (onnxruntime-gpu on a CPU) this is expected: info.
+            log.log(
+                logging.WARNING if _cuda_driver_present() else logging.INFO,
+                "%s: wanted %s, running on %s: %s",
+                graph,
+                plan.wanted,
+                backend.placement.provider,
+                silent,
+                extra={
+                    "event": "provider_fallback",
+                    "graph": graph,
+                    "provider": plan.wanted,
+                    "running_on": backend.placement.provider,
+                    "reason": silent,
+                },
+            )
+        return backend, steps
+    raise AssertionError("the fallback chain ends on the CPU")  # pragma: no cover
+
+
+_NOTHING_ASSIGNED = "ONNX Runtime assigned it none of the graph's arithmetic"
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line[:500]
+
+
+def placement_of(backend: object) -> Placement:
+    """Where a backend's graph runs: its recorded placement, or (a backend that keeps none, as
+    a test's fake) the provider it reports."""
+    placement = getattr(backend, "placement", None)
+    if isinstance(placement, Placement):
+        return placement
+    inner = getattr(backend, "inner", None)
+    if inner is not None:
+        return placement_of(inner)
+    return Placement(str(getattr(backend, "provider", CPU)))
+
+
+def placements_of(backend: object) -> list[Placement]:
+    """Every session of a backend (TensorRT's and the CUDA one beside it)."""
+    found = getattr(backend, "placements", None)
+    if isinstance(found, list) and all(isinstance(p, Placement) for p in found):
+        return list(found)
+    inner = getattr(backend, "inner", None)
+    if inner is not None:
+        return placements_of(inner)
+    return [placement_of(backend)]

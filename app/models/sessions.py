@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from app.core.priority import in_lowered_thread
 from app.core.settings import Settings
+from app.models.providers import GPU_PROVIDERS, Placement
 from app.models.repository import ModelVersion, VersionKey
 from app.models.runtime import (
     Backend,
@@ -28,6 +29,9 @@ from app.models.runtime import (
     OnnxRolloutBackend,
     RolloutBackend,
     execution_plan,
+    open_on_best,
+    placement_of,
+    placements_of,
 )
 from app.models.spec import RolloutParams
 
@@ -118,7 +122,36 @@ class Sessions:
 
     @property
     def provider(self) -> str:
-        return self.lanes[0].provider
+        return self.placement.provider
+
+    @property
+    def placement(self) -> Placement:
+        """Where the plain graph runs (every lane is made alike)."""
+        return placement_of(self.lanes[0])
+
+    def placements(self) -> list[tuple[str, Placement]]:
+        """Every session's placement, named: `plain`, `plain (outside the profile)`, `rollout`."""
+        named = []
+        for lane in self.lanes:
+            for i, placed in enumerate(placements_of(lane)):
+                named.append(("plain" if i == 0 else "plain (outside the profile)", placed))
+        if self.rollout is not None:
+            named += [("rollout", placed) for placed in placements_of(self.rollout)]
+        return named
+
+    def cpu_fallbacks(self) -> list[str]:
+        """Why sessions of this version that should run on a GPU run on the CPU: one line per
+        graph, empty when none did (a graph the service wanted on the CPU is not one)."""
+        lines = []
+        for name, placed in dict(self.placements()).items():
+            if placed.on_gpu or (placed.wanted or placed.provider) not in GPU_PROVIDERS:
+                continue
+            lines.append(f"its {name} graph runs on {placed.provider} ({placed.fallback})")
+        return lines
+
+
+class GpuRequiredError(RuntimeError):
+    """`require_gpu` is set and a version's sessions landed on the CPU."""
 
 
 def make_sessions(
@@ -138,20 +171,57 @@ def make_sessions(
     return Sessions(version, lanes, guarded)
 
 
-def open_backend(settings: Settings, version: ModelVersion) -> tuple[OnnxBackend, ExecutionPlan]:
+def open_backend(
+    settings: Settings, version: ModelVersion, warm_up: bool | None = None
+) -> tuple[OnnxBackend, ExecutionPlan]:
     """A version's plain graph in a session on the providers and options of its
-    `execution_plan`, not yet warmed up; with the plan, for what it says of the choice."""
+    `execution_plan`, falling back TensorRT -> CUDA -> CPU where one fails (`open_on_best`),
+    warmed up where `warm_up` (default: the `warmup` setting; a TensorRT engine is built or
+    loaded from its cache then, so a failed build falls back too); with the plan."""
     plan = execution_plan(settings, version, rollout=False)
-    backend = OnnxBackend(
-        version.graph_path,
-        version.spec,
-        plan.providers,
-        settings.intra_op_threads,
-        settings.intra_op_spinning,
-        options=plan.options,
-        profile=plan.profile,
-    )
+    warm = settings.warmup if warm_up is None else warm_up
+
+    def make(providers: list[str]) -> OnnxBackend:
+        backend = OnnxBackend(
+            version.graph_path,
+            version.spec,
+            providers,
+            settings.intra_op_threads,
+            settings.intra_op_spinning,
+            options=plan.options,
+            profile=plan.profile,
+        )
+        if warm:
+            backend.warm_up()
+        return backend
+
+    backend, _ = open_on_best(make, plan, f"{version.name}/{version.version} model.onnx")
     return backend, plan
+
+
+def _log_placement(
+    version: ModelVersion, graph: str, plan: ExecutionPlan, placed: Placement
+) -> None:
+    """The startup line of one loaded graph: where its nodes run, as JSON fields too."""
+    log.info(
+        "model %s version %d %s on %s; nodes: %s",
+        version.name,
+        version.version,
+        graph,
+        plan.describe(placed.provider),
+        placed.shown(),
+        extra={
+            "event": "placement",
+            "model": version.name,
+            "version": version.version,
+            "graph": graph,
+            "provider": placed.provider,
+            "wanted": placed.wanted,
+            "nodes": placed.node_counts(),
+            "fallback": placed.fallback,
+            "optimization": plan.optimization,
+        },
+    )
 
 
 def onnx_backends(settings: Settings) -> BackendFactory:
@@ -161,16 +231,10 @@ def onnx_backends(settings: Settings) -> BackendFactory:
 
     def load(version: ModelVersion) -> Backend:
         backend, plan = open_backend(settings, version)
-        if settings.warmup:
-            backend.warm_up()
-        log.info(
-            "model %s version %d on %s, graph %s, io binding %s",
-            version.name,
-            version.version,
-            plan.describe(backend.provider),
-            plan.optimization,
-            "on" if backend.io_binding else "off",
-        )
+        _log_placement(version, "graph", plan, backend.placement)
+        if backend.outside_placement is not None:
+            _log_placement(version, "graph outside the profile", plan, backend.outside_placement)
+        log.debug("model %s version %d: io binding %s", *version.key, backend.io_binding)
         return backend
 
     return load
@@ -185,22 +249,24 @@ def onnx_rollout_backends(settings: Settings) -> RolloutBackendFactory:
             log.info("model %s version %d: no rollout graph", version.name, version.version)
             return None
         plan = execution_plan(settings, version, rollout=True)
-        backend = OnnxRolloutBackend(
-            version.rollout_path,
-            version.spec,
-            plan.providers,
-            settings.intra_op_threads,
-            settings.intra_op_spinning,
-            options=plan.options,
-        )
-        if settings.warmup:
-            backend.warm_up()
-        log.info(
-            "model %s version %d rollout graph on %s",
-            version.name,
-            version.version,
-            plan.describe(backend.provider),
-        )
+        graph = version.rollout_path
+
+        def make(providers: list[str]) -> OnnxRolloutBackend:
+            backend = OnnxRolloutBackend(
+                graph,
+                version.spec,
+                providers,
+                settings.intra_op_threads,
+                settings.intra_op_spinning,
+                options=plan.options,
+            )
+            if settings.warmup:
+                backend.warm_up()
+            return backend
+
+        label = f"{version.name}/{version.version} model.rollout.onnx"
+        backend, _ = open_on_best(make, plan, label)
+        _log_placement(version, "rollout graph", plan, backend.placement)
         return backend
 
     return load
@@ -208,7 +274,21 @@ def onnx_rollout_backends(settings: Settings) -> RolloutBackendFactory:
 
 def load_failure(exc: BaseException) -> str:
     """Why a version's sessions could not be made, for /models and the logs."""
+    if isinstance(exc, GpuRequiredError):
+        return str(exc)
     return f"its graph could not be loaded ({type(exc).__name__}: {exc})"
+
+
+def gpu_shortfall(sessions: Sessions) -> str | None:
+    """With `require_gpu`: why this version may not serve (sessions that should run on a GPU
+    landed on the CPU), or None."""
+    lines = sessions.cpu_fallbacks()
+    if not lines:
+        return None
+    return (
+        f"VIT_SERVE_REQUIRE_GPU is set and {'; '.join(lines)}; fix the GPU setup (driver, "
+        "CUDA libraries, TensorRT) and reload or restart"
+    )
 
 
 class SessionLoader:
@@ -227,8 +307,9 @@ class SessionLoader:
         self.on_broken: OnBroken = lambda key, reason: None
 
     def load(self, version: ModelVersion) -> Sessions:
-        """Made in a thread of lowered priority: ONNX Runtime's threads inherit it."""
-        return in_lowered_thread(
+        """Made in a thread of lowered priority: ONNX Runtime's threads inherit it. With
+        `require_gpu`, sessions that landed on the CPU are not kept: GpuRequiredError."""
+        sessions = in_lowered_thread(
             self.settings.worker_nice,
             lambda: make_sessions(
                 version,
@@ -239,3 +320,13 @@ class SessionLoader:
                 lambda key, reason: self.on_broken(key, reason),
             ),
         )
+        shortfall = gpu_shortfall(sessions) if self.settings.require_gpu else None
+        if shortfall is not None:
+            log.error(
+                "model %s version %d is not ready: %s",
+                *version.key,
+                shortfall,
+                extra={"event": "gpu_required", "model": version.name, "version": version.version},
+            )
+            raise GpuRequiredError(shortfall)
+        return sessions

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from app.core.settings import Settings
-from app.models.providers import GPU_PROVIDERS
+from app.models.providers import GPU_PROVIDERS, Placement
 from app.models.reload import plan_reload
 from app.models.repository import (
     ModelEntry,
@@ -32,6 +32,7 @@ from app.models.repository import (
 from app.models.runtime import Backend, RolloutBackend
 from app.models.sessions import (
     BackendFactory,
+    GpuRequiredError,
     RolloutBackendFactory,
     SessionLoader,
     Sessions,
@@ -72,10 +73,14 @@ class ModelTable:
         repository: Repository,
         sessions: Mapping[VersionKey, Sessions],
         loader: SessionLoader | None = None,
+        gpu_missing: Mapping[VersionKey, str] | None = None,
     ) -> None:
         """`sessions`: every version's, one plain backend per runtime instance; `loader` makes
-        them for versions that a reload finds (None: reloads cannot load anything)."""
+        them for versions that a reload finds (None: reloads cannot load anything);
+        `gpu_missing`: versions refused because `require_gpu` is set and their sessions landed
+        on the CPU, with why (they keep the replica not ready)."""
         self.settings = settings
+        self.gpu_missing: dict[VersionKey, str] = dict(gpu_missing or {})
         self.repository = repository  # replaced whole, never mutated: a request sees one
         self._sessions = dict(sessions)
         self._loader = loader
@@ -110,13 +115,16 @@ class ModelTable:
         )
         sessions: dict[VersionKey, Sessions] = {}
         failed: dict[VersionKey, str] = {}
+        gpu_missing: dict[VersionKey, str] = {}
         for version in repository.all_versions():
             try:
                 sessions[version.key] = loader.load(version)
+            except GpuRequiredError as exc:  # logged where it was found, with its reason
+                failed[version.key] = gpu_missing[version.key] = load_failure(exc)
             except Exception as exc:
                 failed[version.key] = load_failure(exc)
                 log.exception("model %s version %d cannot be loaded", *version.key)
-        return cls(settings, repository.without(failed), sessions, loader)
+        return cls(settings, repository.without(failed), sessions, loader, gpu_missing)
 
     # --- what is served ----------------------------------------------------------------------
 
@@ -143,9 +151,27 @@ class ModelTable:
     def provider(self, entry: ModelEntry) -> str:
         return self._sessions[(entry.spec.name, entry.default_version)].provider
 
+    def placement(self, entry: ModelEntry) -> Placement:
+        """Where a model's default version's plain graph runs."""
+        return self._sessions[(entry.spec.name, entry.default_version)].placement
+
     def versions_served(self) -> list[tuple[ModelVersion, str]]:
         """Each served version with its provider."""
         return [(v, self._sessions[v.key].provider) for v in self.repository.all_versions()]
+
+    def placements_served(self) -> list[tuple[ModelVersion, Placement]]:
+        """Each served version with where its plain graph runs."""
+        return [(v, self._sessions[v.key].placement) for v in self.repository.all_versions()]
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why the replica must not take traffic although models serve: `require_gpu` is set
+        and some version's sessions landed on the CPU (that version is not served). None when
+        nothing keeps it out."""
+        if not self.gpu_missing:
+            return None
+        shown = "; ".join(f"{_shown(k)}: {why}" for k, why in sorted(self.gpu_missing.items()))
+        return f"sessions that should run on a GPU landed on the CPU: {shown}"
 
     def rollout_versions(self, entry: ModelEntry) -> list[int]:
         """The versions of a model that can answer rollout requests."""
@@ -238,8 +264,12 @@ class ModelTable:
             for version in plan.load:
                 try:
                     made[version.key] = await asyncio.to_thread(self._load_one, version)
+                    self.gpu_missing.pop(version.key, None)
                 except Exception as exc:
-                    log.exception("model %s version %d cannot be loaded", *version.key)
+                    if isinstance(exc, GpuRequiredError):
+                        self.gpu_missing[version.key] = load_failure(exc)
+                    else:
+                        log.exception("model %s version %d cannot be loaded", *version.key)
                     failure = Unavailable(version.name, version.version, load_failure(exc))
                     failed.append(failure)
                     if version.key in current:  # the old one goes on serving
@@ -256,6 +286,7 @@ class ModelTable:
             )
             self._changed()
             for key in plan.unload:
+                self.gpu_missing.pop(key, None)
                 await self._drain(key)
             report = ReloadReport(
                 loaded=[_shown(key) for key in made],

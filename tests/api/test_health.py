@@ -48,6 +48,8 @@ async def test_readyz_is_503_before_start_and_after_stop_while_healthz_stays_up(
 async def test_models_describes_each_model(client: httpx.AsyncClient) -> None:
     response = await client.get("/models")
     assert response.status_code == 200
+    (model,) = response.json()["models"]
+    placement, wanted, fallback = model["placement"], model["wanted_provider"], model["fallback"]
     assert response.json() == {
         "default_model": "tiny",
         "models": [
@@ -68,12 +70,21 @@ async def test_models_describes_each_model(client: httpx.AsyncClient) -> None:
                     "interpolation": "bicubic",
                 },
                 "provider": "CPUExecutionProvider",
+                "placement": placement,
+                "wanted_provider": wanted,
+                "fallback": fallback,
                 "optimization": "fused",
+                "version_optimization": {"1": "fused", "2": "fused"},
                 "tensorrt_fp16": None,
             }
         ],
         "not_ready": [],
+        "replica_not_ready": None,
     }
+    # Where the nodes run, from ONNX Runtime's assignment: all on the CPU on a machine without
+    # a GPU (onnxruntime-gpu then wanted CUDA, and says why it is not there).
+    assert set(placement) == {"CPUExecutionProvider"} and placement["CPUExecutionProvider"] > 0
+    assert (wanted == "CPUExecutionProvider") == (fallback is None)
 
 
 async def test_the_openapi_document_describes_the_upload_body(client: httpx.AsyncClient) -> None:
@@ -97,7 +108,12 @@ async def test_an_empty_repository_starts_not_ready_and_a_missing_one_stops_the_
         )
         assert (await c.get("/healthz")).status_code == 200
         models = await c.get("/models")
-        assert models.json() == {"default_model": None, "models": [], "not_ready": []}
+        assert models.json() == {
+            "default_model": None,
+            "models": [],
+            "not_ready": [],
+            "replica_not_ready": None,
+        }
     missing = create_app(Settings(model_repo=tmp_path / "missing"))
     with pytest.raises(RepositoryError, match="is not a folder"):
         async with missing.router.lifespan_context(missing):

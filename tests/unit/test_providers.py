@@ -14,11 +14,14 @@ from app.models.providers import (
     CPU,
     CUDA,
     TENSORRT,
+    EnginePlatform,
+    Placement,
     Profile,
     TensorrtConfig,
     candidate_providers,
     cuda_options,
     engine_cache_dir,
+    fallback_chain,
     fit_grids,
     served_profile,
     shape_option,
@@ -36,6 +39,7 @@ ALL = [TENSORRT, CUDA, CPU]
 VIT_B16 = Architecture(
     patch_size=16, grid=(14, 14), embed_dim=768, depth=12, heads=12, num_classes=1000
 )
+H200 = EnginePlatform("1.31.1", "10.16.1", "NVIDIA H200", (9, 0))
 
 
 def demo_version() -> ModelVersion:
@@ -77,6 +81,54 @@ def test_cuda_always_follows_tensorrt() -> None:
     assert candidate_providers([TENSORRT, CPU], ALL, True, True, True) == [TENSORRT, CUDA, CPU]
 
 
+def test_without_cuda_libraries_neither_gpu_provider_is_offered_unless_it_loads() -> None:
+    assert candidate_providers(None, ALL, True, False, True, cuda_libraries=False) == [CPU]
+    assert candidate_providers(None, ALL, True, True, True, cuda_libraries=False) == [
+        TENSORRT,
+        CUDA,  # what TensorRT leaves must not go to the CPU: tried, and a failure falls back
+        CPU,
+    ]
+
+
+def test_the_service_falls_back_one_provider_at_a_time_down_to_the_cpu() -> None:
+    assert fallback_chain([TENSORRT, CUDA, CPU]) == [[TENSORRT, CUDA, CPU], [CUDA, CPU], [CPU]]
+    assert fallback_chain([CUDA, CPU]) == [[CUDA, CPU], [CPU]]
+    assert fallback_chain([CPU]) == [[CPU]]
+
+
+# --- where a graph runs ---------------------------------------------------------------------
+
+
+def test_the_provider_shown_runs_the_matrix_products_not_the_most_nodes() -> None:
+    # CUDA takes the arithmetic; ONNX Runtime keeps shape arithmetic on the CPU on purpose.
+    assigned = [(CUDA, "MatMul")] * 3 + [(CUDA, "Add")] * 2 + [(CPU, "Shape"), (CPU, "Gather")] * 4
+    placed = Placement.of_nodes(assigned, [CUDA, CPU])
+    assert placed.provider == CUDA and placed.on_gpu
+    assert placed.node_counts() == {CPU: 8, CUDA: 5}
+    assert placed.compute == ((CUDA, 3),)
+    assert placed.shown() == f"{CPU} (8 nodes), {CUDA} (5 nodes, 3 compute)"
+
+
+def test_a_session_whose_matrix_products_run_on_the_cpu_runs_on_the_cpu() -> None:
+    assigned = [(TENSORRT, "Shape"), (CPU, "MatMul"), (CPU, "Attention")]
+    assert Placement.of_nodes(assigned, [TENSORRT, CUDA, CPU]).provider == CPU
+    # Nothing recorded (an older ONNX Runtime): the first registered provider.
+    assert Placement.of_nodes([], [CUDA, CPU]).provider == CUDA
+    assert Placement.of_nodes([(CUDA, "Add")], [CUDA, CPU]).provider == CUDA
+
+
+def test_a_placement_says_why_it_is_not_where_it_was_wanted() -> None:
+    on_cpu = Placement.of_nodes([(CPU, "MatMul")], [CPU])
+    assert on_cpu.with_fallback(CPU, "ignored").fallback is None
+    marked = on_cpu.with_fallback(CUDA, "libcublas.so.13 not found")
+    assert (marked.wanted, marked.fallback, marked.on_gpu) == (
+        CUDA,
+        "libcublas.so.13 not found",
+        False,
+    )
+    assert on_cpu.with_fallback(CUDA, None).fallback == f"{CUDA} ran none of its nodes"
+
+
 def test_only_plain_graphs_go_to_tensorrt() -> None:
     assert takes_tensorrt("none", rollout=False)
     assert not takes_tensorrt("fused", rollout=False)
@@ -84,10 +136,22 @@ def test_only_plain_graphs_go_to_tensorrt() -> None:
     assert not takes_tensorrt("none", rollout=True)
 
 
-def gpu_machine(monkeypatch: pytest.MonkeyPatch, driver: bool, tensorrt: bool) -> None:
+def gpu_machine(
+    monkeypatch: pytest.MonkeyPatch, driver: bool, tensorrt: bool, cuda: bool = True
+) -> None:
+    """ONNX Runtime, the driver and the libraries as on a GPU machine, as far as asked."""
+    problems = {
+        TENSORRT: None if tensorrt else "libnvinfer.so.10 not found",
+        CUDA: None if cuda else "libcublas.so.13 not found",
+    }
     monkeypatch.setattr(ort, "get_available_providers", lambda: list(ALL))
     monkeypatch.setattr(runtime, "_cuda_driver_present", lambda: driver)
-    monkeypatch.setattr(runtime, "_tensorrt_libraries_present", lambda: tensorrt)
+    monkeypatch.setattr(
+        runtime,
+        "provider_problem",
+        lambda p: None if p == CPU else ("no NVIDIA driver" if not driver else problems[p]),
+    )
+    monkeypatch.setattr(runtime, "engine_platform", lambda: H200)
 
 
 def test_runtime_asks_the_build_the_driver_and_the_libraries(
@@ -99,6 +163,8 @@ def test_runtime_asks_the_build_the_driver_and_the_libraries(
     gpu_machine(monkeypatch, driver=True, tensorrt=False)
     assert runtime.candidate_providers(None, takes_tensorrt=True) == [CUDA, CPU]
     gpu_machine(monkeypatch, driver=False, tensorrt=True)
+    assert runtime.candidate_providers(None, takes_tensorrt=True) == [CPU]
+    gpu_machine(monkeypatch, driver=True, tensorrt=False, cuda=False)
     assert runtime.candidate_providers(None, takes_tensorrt=True) == [CPU]
 
 
@@ -170,14 +236,39 @@ def test_tensorrt_options(tmp_path: Path) -> None:
 
 def test_engines_are_kept_per_graph_and_options(tmp_path: Path) -> None:
     profile = served_profile(demo_spec().architecture, 128, 32, 8192)
-    on, off = (tensorrt_options_key(profile, fp16) for fp16 in (True, False))
-    assert on == "(1, 4, 4, 192)|(32, 8, 8, 192)|(32, 16, 16, 192)|fp16=True"
+    on, off = (tensorrt_options_key(profile, fp16, H200) for fp16 in (True, False))
+    assert on == (
+        "(1, 4, 4, 192)|(32, 8, 8, 192)|(32, 16, 16, 192)|fp16=True"
+        "|ort=1.31.1|trt=10.16.1|gpu=NVIDIA H200|sm_90"
+    )
     here = engine_cache_dir(tmp_path, "demo-shapes", 1, "ab" * 32, on)
     assert here.parent == tmp_path / "demo-shapes" / "1"
     assert len(here.name) == 16
     assert here != engine_cache_dir(tmp_path, "demo-shapes", 1, "ab" * 32, off)
     assert here != engine_cache_dir(tmp_path, "demo-shapes", 1, "cd" * 32, on)
     assert here == engine_cache_dir(tmp_path, "demo-shapes", 1, "ab" * 32, on)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        EnginePlatform("1.32.0", "10.16.1", "NVIDIA H200", (9, 0)),  # ONNX Runtime upgraded
+        EnginePlatform("1.31.1", "10.17.0", "NVIDIA H200", (9, 0)),  # TensorRT upgraded
+        EnginePlatform("1.31.1", "10.16.1", "NVIDIA H100 80GB HBM3", (9, 0)),  # another GPU
+        EnginePlatform("1.31.1", "10.16.1", "NVIDIA H200", (10, 0)),  # another architecture
+    ],
+)
+def test_an_upgrade_or_another_gpu_never_finds_an_old_engine(
+    tmp_path: Path, other: EnginePlatform
+) -> None:
+    profile = served_profile(demo_spec().architecture, 128, 32, 8192)
+    dirs = [
+        engine_cache_dir(
+            tmp_path, "demo-shapes", 1, "ab" * 32, tensorrt_options_key(profile, True, p)
+        )
+        for p in (H200, other)
+    ]
+    assert dirs[0] != dirs[1]
 
 
 def test_the_plan_for_the_demo_model_on_a_gpu(
@@ -196,6 +287,11 @@ def test_the_plan_for_the_demo_model_on_a_gpu(
     assert Path(trt["trt_engine_cache_path"]).parent == tmp_path / "demo-shapes" / "1"
     assert plan.options[CUDA] == {"device_id": "0"}
     assert plan.describe(CUDA) == f"{CUDA} (device_id=0)"
+    assert (plan.wanted, plan.problems) == (TENSORRT, {})
+    key = tensorrt_options_key(plan.profile, False, H200)
+    assert Path(trt["trt_engine_cache_path"]) == engine_cache_dir(
+        tmp_path, "demo-shapes", 1, version.spec.versions[1].model, key
+    )
     rollout = execution_plan(settings, version, rollout=True)
     assert (rollout.providers, rollout.profile) == ([CUDA, CPU], None)
     assert set(rollout.options) == {CUDA}
@@ -205,6 +301,20 @@ def test_the_plan_on_a_cpu_has_no_options() -> None:
     plan = execution_plan(Settings(model_repo=DEMO_REPO), demo_version(), rollout=False)
     assert (plan.providers, plan.options, plan.profile) == ([CPU], {}, None)
     assert plan.describe(CPU) == CPU
+
+
+def test_the_plan_says_why_a_gpu_provider_is_left_out(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    gpu_machine(monkeypatch, driver=True, tensorrt=False)
+    settings = Settings(model_repo=DEMO_REPO, trt_cache_dir=tmp_path)
+    plan = execution_plan(settings, demo_version(), rollout=False)
+    assert (plan.providers, plan.wanted) == ([CUDA, CPU], TENSORRT)
+    assert plan.problems == {TENSORRT: "libnvinfer.so.10 not found"}
+    gpu_machine(monkeypatch, driver=False, tensorrt=False)
+    plan = execution_plan(settings, demo_version(), rollout=True)
+    assert (plan.providers, plan.wanted) == ([CPU], CUDA)  # the rollout graph never TensorRT
+    assert plan.problems == {CUDA: "no NVIDIA driver"}
 
 
 # --- IO binding ---------------------------------------------------------------------------
@@ -258,7 +368,7 @@ needs_gpu = pytest.mark.skipif(
 @pytest.mark.parametrize("provider", [TENSORRT, CUDA])
 def test_the_demo_model_on_the_gpu_matches_the_cpu(provider: str, tmp_path: Path) -> None:
     if provider == TENSORRT and not runtime._tensorrt_libraries_present():
-        pytest.skip("TensorRT's libraries (libnvinfer) are not installed")
+        pytest.skip(f"TensorRT cannot load here: {runtime.provider_problem(TENSORRT)}")
     version = demo_version()
     settings = Settings(model_repo=DEMO_REPO, trt_cache_dir=tmp_path, providers=[provider])
     gpu, _ = open_backend(settings, version)
