@@ -1,23 +1,34 @@
 """The production entry point, `python -m app.server`: uvicorn that drains on SIGTERM.
 
 On SIGTERM (what `docker stop` and Kubernetes send):
-1. The app starts draining at once: /readyz answers 503, new requests get a 503 with
-   `Connection: close` (nginx retries them on another replica; Kubernetes takes the pod out of
-   its Service), and requests already in flight go on. The listener stays open meanwhile, so a
-   request that a load balancer sends before it notices gets an answer, not a reset connection.
-2. After `shutdown_delay_s`, uvicorn's own shutdown: stop listening, close idle connections,
-   wait up to `drain_timeout_s` for in-flight requests, then run the lifespan's shutdown (the
-   batcher finishes what is queued within `drain_timeout_s` and answers the rest 503).
-A second SIGTERM, or SIGINT (Ctrl-C), skips the delay. Plain `uvicorn app.main:create_app
---factory` also works, without step 1: it stops listening at once.
+1. Readiness turns off at once (/readyz answers 503, so Kubernetes takes the pod out of its
+   Service), and for `shutdown_delay_s` the server goes on serving normally: load balancers and
+   kube-proxy take seconds to notice, and a request they send meanwhile gets its answer, not a
+   503 that a client without retries would see as an error. Every answer now carries
+   `Connection: close`, so kept-alive connections (a client's pool, nginx's upstream pool, a
+   connection kube-proxy pinned to this pod) move to other replicas as they are used.
+2. Then the listener closes: the connections the kernel has already accepted are taken first,
+   so that every client that got a connection gets an answer, and from then on a connect is
+   refused (never reset after its request was sent). uvicorn's shutdown follows: in-flight
+   requests finish, a connection accepted but still silent gets a moment to send its request
+   (app/http/protocol.py), idle kept-alive ones close, all within `drain_timeout_s`; then the
+   lifespan's shutdown (the batcher finishes what is queued within `drain_timeout_s` and answers
+   the rest 503).
+A second SIGTERM skips what is left of the delay; with it, as with a delay of 0, the drain
+still runs and the process exits 0. SIGINT (Ctrl-C) is uvicorn's: no delay, and a second one
+stops at once. Plain `uvicorn app.main:create_app --factory` also works, without step 1, the
+connection limits (app/http/connections.py) or the lingering close: it stops listening at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import math
 import signal
+import socket
 import time
 from types import FrameType
 from typing import Any
@@ -25,11 +36,41 @@ from typing import Any
 import uvicorn
 
 from app.core.settings import Settings
+from app.http.connections import (
+    ConnectionLimits,
+    ConnectionRegistry,
+    open_files_limit,
+    raise_open_files_limit,
+)
 from app.http.middleware import Lifecycle
+from app.http.protocol import protocol_class
 from app.main import create_app
 
 # Not __name__: run as `python -m app.server` that is "__main__", outside the "app" loggers.
 log = logging.getLogger("app.server")
+
+
+def stop_listening(listeners: list[socket.socket]) -> list[socket.socket]:
+    """Take every connection the kernel has accepted on `listeners`, then stop listening.
+
+    Closing a listening socket resets the connections still in its accept queue: their clients
+    have connected, and may have sent a request, which would end in a reset. So the queue is
+    emptied first, and `shutdown(SHUT_RD)` (Linux) stops the socket listening in the same step
+    (whatever other descriptors of it the event loop holds): from then on a connect is refused.
+    """
+    accepted: list[socket.socket] = []
+    for listener in listeners:
+        listener.setblocking(False)
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # BlockingIOError: the queue is empty
+                break
+            conn.setblocking(False)
+            accepted.append(conn)
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RD)
+    return accepted
 
 
 class DrainingServer(uvicorn.Server):
@@ -39,16 +80,20 @@ class DrainingServer(uvicorn.Server):
         self.delay_s = delay_s
         self.drain_deadline: float | None = None
         self.announced = False
+        self.listeners: list[socket.socket] = []
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler: set flags only (no logging, no locks); on_tick acts on them.
-        first_term = sig == signal.SIGTERM and self.drain_deadline is None
-        if first_term and self.delay_s > 0 and not self.should_exit:
-            self.lifecycle.begin_drain()
+        self.lifecycle.begin_drain()
+        if sig != signal.SIGTERM:
+            super().handle_exit(sig, frame)  # SIGINT: uvicorn's (re-raised once it has stopped)
+            return
+        if self.drain_deadline is None and self.delay_s > 0 and not self.should_exit:
             self.drain_deadline = time.monotonic() + self.delay_s
             return
-        self.lifecycle.begin_drain()
-        super().handle_exit(sig, frame)
+        # Delay 0 or a second SIGTERM: stop now and drain. uvicorn would also record the signal
+        # and raise it again once stopped, ending a clean drain killed by it (exit 143).
+        self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
         deadline = self.drain_deadline
@@ -58,6 +103,33 @@ class DrainingServer(uvicorn.Server):
         if deadline is not None and not self.should_exit and time.monotonic() >= deadline:
             self.should_exit = True
         return await super().on_tick(counter)
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        # The server binds its own listener, so that shutdown() can empty its accept queue.
+        self.listeners = sockets if sockets is not None else [self.config.bind_socket()]
+        super().run(sockets=self.listeners)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.lifecycle.begin_drain()
+        accepted = stop_listening(self.listeners)
+        for server in getattr(self, "servers", []):
+            server.close()  # no await since the queue was emptied: nothing more is accepted
+        if accepted:
+            loop = asyncio.get_running_loop()
+
+            def new_protocol() -> asyncio.Protocol:
+                protocol: asyncio.Protocol = self.config.http_protocol_class(  # type: ignore[call-arg]
+                    config=self.config,
+                    server_state=self.server_state,
+                    app_state=self.lifespan.state,
+                    _loop=loop,
+                )
+                return protocol
+
+            for conn in accepted:
+                await loop.connect_accepted_socket(new_protocol, conn)
+            log.info("took %d connection(s) waiting as the listener closed", len(accepted))
+        await super().shutdown(sockets)
 
 
 def log_config(settings: Settings) -> dict[str, Any]:
@@ -85,10 +157,13 @@ def log_config(settings: Settings) -> dict[str, Any]:
 
 def build_server(settings: Settings) -> DrainingServer:
     app = create_app(settings)
+    limits = ConnectionLimits.from_settings(settings, open_files_limit())
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        # httptools with the service's limits, its JSON errors and a lingering close.
+        http=protocol_class(ConnectionRegistry(limits)),
         log_config=log_config(settings),
         access_log=False,
         # Longer than nginx's upstream keepalive_timeout (60 s): the proxy, not the server,
@@ -99,6 +174,12 @@ def build_server(settings: Settings) -> DrainingServer:
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,
     )
+    log.info(
+        "open files: %d; connections: at most %d (answered 503 up to %d)",
+        open_files_limit(),
+        limits.max_connections,
+        limits.ceiling,
+    )
     return DrainingServer(config, app.state.lifecycle, settings.shutdown_delay_s)
 
 
@@ -108,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="default: VIT_SERVE_PORT or 8000")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    # Before anything opens files: every connection holds one.
+    raise_open_files_limit()
     build_server(Settings(**overrides)).run()
 
 

@@ -173,6 +173,29 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = Field(
         default="127.0.0.1", description="proxies whose X-Forwarded-For is trusted ('*': any)"
     )
+    # Connection hygiene (python -m app.server: app/http/connections.py).
+    header_max_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        description="request line and headers together; beyond it 431 and the connection closes",
+    )
+    header_max_count: int = Field(
+        default=100, gt=0, description="header fields in one request; beyond it 431"
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a connection must deliver a request's line and headers within this long of "
+        "connecting or of the request's first byte (408 if it began one, then closed; a silent "
+        "connection is closed)",
+    )
+    max_connections: int = Field(
+        default=4096,
+        gt=0,
+        description="open connections; beyond it the longest-idle one is closed, or with none "
+        "idle the new one is answered 503; capped below the open-files limit, which the server "
+        "raises to its hard limit at start",
+    )
 
     # Access control.
     api_key: SecretStr | None = Field(

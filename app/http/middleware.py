@@ -1,4 +1,4 @@
-"""Around every request: its id, the access log, the request metrics, and refusals while draining.
+"""Around every request: its id, the access log, the request metrics, and the drain.
 
 Also `GET /metrics`, and the error handlers' note of each error's kind for the metrics.
 
@@ -33,17 +33,21 @@ REQUEST_ID_HEADER = "x-request-id"
 # Ids from a client or a load balancer are kept when they look like ids (uuids, nginx's
 # $request_id, trace ids); anything else is replaced, so logs never carry injected text.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-# Served while draining: liveness (the process is fine) and the last scrapes of its metrics.
-_SERVED_WHILE_DRAINING = frozenset({"/healthz", "/metrics"})
+# Refused while draining: readiness, so that load balancers and Kubernetes stop sending work.
+# Everything else is served as usual (see Lifecycle).
+_REFUSED_WHILE_DRAINING = frozenset({"/readyz"})
 DRAINING_MESSAGE = "the server is shutting down; retry on another replica"
+CONNECTION_CLOSE = (b"connection", b"close")
 
 
 class Lifecycle:
     """Whether the server is draining for shutdown: set on SIGTERM (see app.server).
 
-    While draining, /readyz answers 503 so load balancers stop sending work, requests already
-    in flight finish, and new ones get a 503 with `Connection: close` that a load balancer
-    retries on another replica.
+    While draining, /readyz answers 503 so that load balancers stop sending work, and every
+    other request is served as usual: a load balancer takes seconds to notice, and what it
+    sends meanwhile should succeed, not turn into a 503 that a client without retries sees as
+    an error. Each answer carries `Connection: close`, so kept-alive connections end as they are
+    used and their clients reconnect, to another replica once the balancer has noticed.
     """
 
     def __init__(self) -> None:
@@ -122,12 +126,16 @@ class RequestMiddleware:
             nonlocal status, sent_bytes
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), header]}
+                headers = [*message.get("headers", []), header]
+                # Read as the answer starts: a request in flight when the drain began closes too.
+                if self.lifecycle.draining and CONNECTION_CLOSE not in headers:
+                    headers.append(CONNECTION_CLOSE)
+                message = {**message, "headers": headers}
             elif message["type"] == "http.response.body":
                 sent_bytes += len(message.get("body", b""))
             await send(message)
 
-        refused = self.lifecycle.draining and path not in _SERVED_WHILE_DRAINING
+        refused = self.lifecycle.draining and path in _REFUSED_WHILE_DRAINING
         # Under overload, refuse new work here, before routing and validation, without decoding
         # anything: the cheapest answer the event loop can give, so it keeps up with arrivals
         # (the route checks again, for requests admitted in between).
@@ -141,8 +149,6 @@ class RequestMiddleware:
                 if refused:
                     record.error_reason = "shutting_down"
                     response = error_response(503, DRAINING_MESSAGE)
-                    # A load balancer's keep-alive pool should not reuse this one.
-                    response.headers["connection"] = "close"
                     await response(scope, receive, send_with_id)
                 elif busy:
                     record.error_reason = "busy"
