@@ -38,6 +38,7 @@ from app.http.v2.schemas import (
     ServerMetadataResponse,
     ServerReadyResponse,
 )
+from app.models.spec import MODEL_NAME_PATTERN
 from app.pipeline.service import ClassifyService
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         400: "a bad input: a tensor's name, type, shape or data; a parameter; an image",
         401: "no API key or not the right one, where the server sets one",
         404: "unknown model or version",
+        408: "the body did not arrive within the server's body read timeout",
         413: "body, image or image count over the limit",
+        415: "a Content-Encoding other than gzip, deflate or identity",
         503: "overloaded, not ready, or the model cannot serve (with Retry-After)",
         504: "not run before the request's deadline",
     }.items()
@@ -110,7 +113,9 @@ async def server_live() -> ServerLiveResponse:
 
 
 @router.get(
-    "/health/ready", response_model=ServerReadyResponse, responses={503: {"model": ErrorResponse}}
+    "/health/ready",
+    response_model=ServerReadyResponse,
+    responses={503: {"model": ServerReadyResponse, "description": "not ready"}},
 )
 async def server_ready(request: Request) -> Response:
     """As GET /readyz: loaded, a model serving, not draining (503 otherwise)."""
@@ -119,13 +124,45 @@ async def server_ready(request: Request) -> Response:
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
-@router.get("/models/{model_name}", response_model=ModelMetadataResponse, responses=_ERRORS)
+# The path's parameters are read from `request.path_params` rather than declared: FastAPI's
+# per-parameter resolution costs event-loop time on every request (app/http/params.py), and
+# a name or version that is not one must get the protocol's 404 {"error"}, not FastAPI's 422.
+# The OpenAPI document still describes them, with the forms that can exist.
+_NAME = {
+    "name": "model_name",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": MODEL_NAME_PATTERN, "maxLength": 200},
+}
+_VERSION = {
+    "name": "model_version",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"},
+}
+_MODEL: dict[str, Any] = {"parameters": [_NAME]}
+_MODEL_VERSION: dict[str, Any] = {"parameters": [_NAME, _VERSION]}
+
+
+def _target(request: Request) -> tuple[str, str]:
+    params = request.path_params
+    return str(params["model_name"]), str(params.get("model_version", ""))
+
+
+@router.get(
+    "/models/{model_name}",
+    response_model=ModelMetadataResponse,
+    responses=_ERRORS,
+    openapi_extra=_MODEL,
+)
 @router.get(
     "/models/{model_name}/versions/{model_version}",
     response_model=ModelMetadataResponse,
     responses=_ERRORS,
+    openapi_extra=_MODEL_VERSION,
 )
-async def model_metadata(request: Request, model_name: str, model_version: str = "") -> Response:
+async def model_metadata(request: Request) -> Response:
+    model_name, model_version = _target(request)
     try:
         service = await get_service(request)
         meta = protocol.model_metadata(service, model_name, model_version)
@@ -146,22 +183,30 @@ async def model_metadata(request: Request, model_name: str, model_version: str =
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-@router.get("/models/{model_name}/ready", response_model=ModelReadyResponse, responses=_ERRORS)
+@router.get(
+    "/models/{model_name}/ready",
+    response_model=ModelReadyResponse,
+    responses=_ERRORS,
+    openapi_extra=_MODEL,
+)
 @router.get(
     "/models/{model_name}/versions/{model_version}/ready",
     response_model=ModelReadyResponse,
     responses=_ERRORS,
+    openapi_extra=_MODEL_VERSION,
 )
-async def model_ready(request: Request, model_name: str, model_version: str = "") -> Response:
+async def model_ready(request: Request) -> Response:
     """200 when the model (version) takes requests; 503 while it cannot, 404 when unknown."""
+    model_name, model_version = _target(request)
     try:
         service = await get_service(request)
-        ready = protocol.model_ready(service, model_name, model_version)
+        if not protocol.model_ready(service, model_name, model_version):
+            raise NotReadyError(f"model '{model_name}' is not being served; retry")
         if _draining(request):
             raise NotReadyError("the server is shutting down")
     except Exception as exc:
         return error_response(exc)
-    return JSONResponse({"name": model_name, "ready": ready}, status_code=200 if ready else 503)
+    return JSONResponse({"name": model_name, "ready": True})
 
 
 _INFER_BODY: dict[str, Any] = {
@@ -186,16 +231,17 @@ _INFER_BODY: dict[str, Any] = {
     "/models/{model_name}/infer",
     response_model=InferenceResponse,
     responses=_ERRORS,
-    openapi_extra={**_INFER_BODY, "security": API_KEY_SECURITY},
+    openapi_extra={**_INFER_BODY, **_MODEL, "security": API_KEY_SECURITY},
 )
 @router.post(
     "/models/{model_name}/versions/{model_version}/infer",
     response_model=InferenceResponse,
     responses=_ERRORS,
-    openapi_extra={**_INFER_BODY, "security": API_KEY_SECURITY},
+    openapi_extra={**_INFER_BODY, **_MODEL_VERSION, "security": API_KEY_SECURITY},
 )
-async def infer(request: Request, model_name: str, model_version: str = "") -> Response:
+async def infer(request: Request) -> Response:
     arrived = asyncio.get_running_loop().time()
+    model_name, model_version = _target(request)
     try:
         check_api_key(request)
         service = await get_service(request)
