@@ -2,7 +2,7 @@
 
 Servers are started as deployed (`python -m app.server`) on a free loopback port. Load goes
 through a small HTTP/1.1 keep-alive client on asyncio streams: on a 2-core machine the client
-shares the CPU with the server, so it must cost little (httpx costs several times more a request).
+shares the CPU with the server, so it must cost little (httpx: about ten times its CPU a request).
 """
 
 from __future__ import annotations
