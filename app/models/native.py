@@ -215,8 +215,21 @@ def driver_present() -> bool:
 
 @functools.cache
 def cuda_provider() -> ProviderLibraries:
-    """The CUDA provider's libraries, loaded once per process (loading cannot be undone)."""
-    return check_provider(CUDA_PROVIDER_LIBRARY)
+    """The CUDA provider's libraries, loaded once per process (loading cannot be undone).
+
+    cuDNN is not among them: the provider opens it when a kernel first needs it, by SONAME, and
+    finds it only where the loader looks or where it is already loaded. So cuDNN is loaded here
+    too where it can be, at the SONAME the TensorRT provider of the same build links against
+    (libcudnn.so.9), without counting against the provider when it cannot (a ViT's graph has
+    no convolution)."""
+    found = check_provider(CUDA_PROVIDER_LIBRARY)
+    tensorrt = provider_library(TENSORRT_PROVIDER_LIBRARY)
+    if found.present and tensorrt is not None:
+        cudnn = [s for s in needed_libraries(tensorrt) if s.startswith("libcudnn.so.")]
+        for loaded in load_all(cudnn, wheel_directories()):
+            if loaded.error is not None:
+                log.debug("cuDNN (%s) does not load: %s", loaded.soname, loaded.error)
+    return found
 
 
 @functools.cache

@@ -1,0 +1,784 @@
+"""The GPU check: one command, at most 6 minutes on one GPU, that says whether the GPU path works
+and what it delivers.
+
+    PYTHONPATH=/tmp/site:. python3 -m bench.gpu_check --out "$OUT"      # a machine with a GPU
+    .venv/bin/python -m bench.gpu_check --cpu-smoke --out build/gpu_check  # the same code, a CPU
+
+Needs onnxruntime-gpu, numpy, Pillow and the service's own packages; no PyTorch, no `onnx`, no
+TensorRT (used where it loads). The ViT-B/16 graphs are made here from bench/graphs/
+(bench/gpu_graphs.py: the export's own graphs, random weights written at run time). Phases,
+each skipped (and said so) when the time budget (--budget-s) no longer allows it:
+
+1. environment: Python, ONNX Runtime, the CUDA it is built for, its providers, the driver and
+   GPU (name, compute capability), TensorRT's version, and for the CUDA and TensorRT providers
+   every library they link against and whether it loads (app.models.native);
+2. placement and parity: the demo model and ViT-B/16 (forms fused and fp16 on CUDA, the plain
+   form on TensorRT) in sessions made as the service makes them
+   (app.models.sessions.open_backend), where ONNX Runtime put their nodes, and their logits
+   against the same graph on the CPU at 3 grids: fp32 within 1e-3; fp16 the same top-1 and
+   within 1% of the largest logit (fp32 beyond the bound is run again with TF32 off, to tell
+   TF32 from a fault);
+3. raw throughput: ViT-B/16 img/s at batch 1, 8, 32, 64, 128, 256 (native grid), fp32 and fp16,
+   on CUDA, and on TensorRT where it loads, built with the service's own settings (its profile
+   covers the batches the service sends; larger ones run where the service runs them, on CUDA)
+   in a subprocess limited to the time left; the engine build's time apart;
+4. the service end to end: `python -m app.server` over ViT-B/16 fp16, JPEGs posted one per
+   request at concurrency 64 and 256 by a client in this process (one core): img/s, p50, p99;
+   beside it the CPU decode ceiling, decode + resize + patchify img/s on one core x the cores;
+5. one JSON and one PNG (--out), and a summary on stdout.
+
+`--cpu-smoke` runs every phase on the CPU with a tiny encoder over the same 224 px input, small
+batches and low concurrency, in well under a minute: what the test suite runs
+(tests/unit/test_gpu_check.py). Nothing here asserts on speed; parity failures are reported, and
+the exit status is 0 when every phase ran or was skipped for time, 2 when there is no usable GPU
+(the environment is still written), 1 on an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from app.core.settings import Settings
+from app.models import native, runtime
+from app.models.providers import CPU, CUDA, TENSORRT, Placement
+from app.models.repository import ModelVersion, scan_repository
+from app.models.runtime import OnnxBackend
+from app.models.sessions import open_backend
+from bench.gpu_graphs import GraphKit, model_repository
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_REPO = ROOT / "model_repo"
+DEMO_MODEL = "demo-shapes"
+RESULTS = ROOT / "bench" / "results"
+
+FP32_ATOL = 1e-3  # fp32 logits: GPU against the CPU
+FP16_RTOL = 0.01  # fp16 logits: within 1% of the largest |logit|, and the same top-1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures: a GPU run, or the smoke run on the CPU."""
+
+    smoke: bool
+    size: str  # bench/gpu_graphs.SIZES
+    batches: tuple[int, ...]
+    concurrency: tuple[int, ...]
+    seconds_per_batch: float
+    seconds_per_level: float
+    parity_batch: int
+    parity_grids: tuple[tuple[int, int], ...]
+    budget_s: float
+
+    @classmethod
+    def make(cls, smoke: bool, budget_s: float | None) -> Plan:
+        if smoke:
+            return cls(
+                True, "vit-smoke", (1, 8), (4, 16), 0.3, 2.0, 2, ((14, 14), (8, 24), (18, 18)),
+                budget_s or 150.0,
+            )  # fmt: skip
+        return cls(
+            False, "vit-b16", (1, 8, 32, 64, 128, 256), (64, 256), 1.5, 12.0, 8,
+            ((14, 14), (8, 24), (18, 18)), budget_s or 330.0,
+        )  # fmt: skip
+
+    @property
+    def device(self) -> str:
+        """The provider the check runs on: CUDA, or the CPU in the smoke run."""
+        return CPU if self.smoke else CUDA
+
+
+class Clock:
+    """The run's time budget."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.start = time.monotonic()
+        self.budget_s = budget_s
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    @property
+    def left(self) -> float:
+        return self.budget_s - self.elapsed
+
+
+@dataclass
+class Report:
+    plan: Plan
+    environment: dict[str, Any] = field(default_factory=dict)
+    placement: dict[str, Any] = field(default_factory=dict)  # session -> where its nodes run
+    parity: list[dict[str, Any]] = field(default_factory=list)
+    raw: list[dict[str, Any]] = field(default_factory=list)  # one per (provider, precision)
+    end_to_end: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "plan": {k: v for k, v in vars(self.plan).items()},
+            "environment": self.environment,
+            "placement": self.placement,
+            "parity": self.parity,
+            "raw": self.raw,
+            "end_to_end": self.end_to_end,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def point_line(name: str, p: dict[str, Any]) -> str:
+    where = f"  (on {p['runs_on']})" if "runs_on" in p else ""
+    rate, ms = p["img_per_s"], p["ms_per_batch"]
+    return f"   {name} batch {p['batch']:>4}: {rate:>9.1f} img/s  {ms:.2f} ms{where}"
+
+
+def level_line(level: dict[str, Any]) -> str:
+    counts = f"{level['ok']} ok, {level['errors']} errors, {level['lost']} lost"
+    return (
+        f"   concurrency {level['concurrency']:>3}: {level['img_per_s']:>8.1f} img/s  "
+        f"p50 {level['p50_ms']:.1f} ms  p99 {level['p99_ms']:.1f} ms  ({counts})"
+    )
+
+
+# --- 1. environment ------------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    """What this machine's GPU path has, each fact read from its source."""
+    gpu = native.gpu()
+    libraries: dict[str, dict[str, Any]] = {}
+    for provider, probe in ((CUDA, native.cuda_provider), (TENSORRT, native.tensorrt_provider)):
+        if provider not in ort.get_available_providers():
+            libraries[provider] = {"problem": "not in this ONNX Runtime build"}
+            continue
+        problem = runtime.provider_problem(provider)
+        found = probe()
+        libraries[provider] = {
+            "needs": list(found.needed),
+            "missing": [m.soname for m in found.missing],
+            "problem": problem,
+        }
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "onnxruntime": ort.__version__,
+        "onnxruntime_path": str(Path(ort.__file__).parent),
+        "built_for_cuda": native.wheel_cuda_version(),
+        "providers_in_build": list(ort.get_available_providers()),
+        "driver": native.driver_present(),
+        "gpu": gpu.name if gpu else None,
+        "compute_capability": ".".join(map(str, gpu.capability)) if gpu else None,
+        "tensorrt": native.tensorrt_version() if native.driver_present() else None,
+        "libraries": libraries,
+        "nvidia_wheel_dirs": [str(d) for d in native.wheel_directories()],
+    }
+
+
+def gpu_missing(env: dict[str, Any]) -> str | None:
+    """Why this machine cannot run the GPU check, or None."""
+    if CUDA not in env["providers_in_build"]:
+        return "this ONNX Runtime has no CUDA provider: install onnxruntime-gpu"
+    problem = env["libraries"][CUDA]["problem"]
+    return str(problem) if problem else None
+
+
+def tensorrt_usable(env: dict[str, Any]) -> bool:
+    return bool(TENSORRT in env["providers_in_build"] and not env["libraries"][TENSORRT]["problem"])
+
+
+# --- sessions as the service makes them ------------------------------------------------------
+
+
+def settings_for(repo: Path, provider: str, cache: Path, **overrides: Any) -> Settings:
+    """The service's settings (from the environment, VIT_SERVE_*), on `provider` alone."""
+    return Settings(
+        model_repo=repo, providers=[provider], trt_cache_dir=cache, warmup=True, **overrides
+    )
+
+
+def open_on(repo: Path, model: str, provider: str, cache: Path, **overrides: Any) -> OnnxBackend:
+    version = scan_repository(repo).resolve(model, None)
+    backend, _ = open_backend(settings_for(repo, provider, cache, **overrides), version)
+    return backend
+
+
+def placement_json(placement: Placement) -> dict[str, Any]:
+    return {
+        "provider": placement.provider,
+        "wanted": placement.wanted,
+        "fallback": placement.fallback,
+        "nodes": placement.node_counts(),
+        "compute_nodes": dict(placement.compute),
+    }
+
+
+def patches(version: ModelVersion, batch: int, grid: tuple[int, int], seed: int) -> np.ndarray:
+    shape = (batch, *grid, version.spec.architecture.patch_dim)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def compare(
+    label: str, got: np.ndarray, expected: np.ndarray, fp16: bool, grid: tuple[int, int]
+) -> dict[str, Any]:
+    """One grid's parity: fp32 within FP32_ATOL; fp16 the same top-1, within FP16_RTOL."""
+    diff = float(np.abs(got - expected).max())
+    top1 = int((got.argmax(axis=1) == expected.argmax(axis=1)).sum())
+    bound = FP16_RTOL * float(np.abs(expected).max()) if fp16 else FP32_ATOL
+    passed = diff <= bound and (not fp16 or top1 == len(got))
+    return {
+        "graph": label,
+        "grid": f"{grid[0]}x{grid[1]}",
+        "batch": len(got),
+        "max_abs_diff": diff,
+        "bound": bound,
+        "top1_agree": f"{top1}/{len(got)}",
+        "passed": passed,
+    }
+
+
+def parity_of(
+    label: str,
+    device: OnnxBackend,
+    reference: OnnxBackend,
+    version: ModelVersion,
+    plan: Plan,
+    fp16: bool,
+    grids: tuple[tuple[int, int], ...] | None = None,
+) -> list[dict[str, Any]]:
+    rows = []
+    for i, grid in enumerate(grids or plan.parity_grids):
+        x = patches(version, plan.parity_batch, grid, seed=i)
+        rows.append(compare(label, device.run(x), reference.run(x), fp16, grid))
+    return rows
+
+
+# --- raw throughput ----------------------------------------------------------------------------
+
+
+def throughput(
+    backend: OnnxBackend, version: ModelVersion, batch: int, seconds: float
+) -> dict[str, Any]:
+    """img/s at the native grid: two runs untimed, then runs for `seconds` (at least 3); the
+    median batch time. Each run copies its logits back, so each is complete when timed."""
+    x = patches(version, batch, version.spec.architecture.grid, seed=batch)
+    for _ in range(2):
+        backend.run(x)
+    times: list[float] = []
+    stop_at = time.perf_counter() + seconds
+    while time.perf_counter() < stop_at or len(times) < 3:
+        t0 = time.perf_counter()
+        backend.run(x)
+        times.append(time.perf_counter() - t0)
+    p50 = statistics.median(times)
+    return {"batch": batch, "img_per_s": round(batch / p50, 1), "ms_per_batch": round(p50 * 1e3, 3)}
+
+
+def sweep(
+    backend: OnnxBackend, version: ModelVersion, plan: Plan, clock: Clock, reserve_s: float
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Every batch of the plan while the budget (less `reserve_s`) lasts; the batches left."""
+    points, left = [], []
+    for batch in plan.batches:
+        if clock.left - reserve_s < plan.seconds_per_batch * 2:
+            left.append(batch)
+            continue
+        point = throughput(backend, version, batch, plan.seconds_per_batch)
+        profile = getattr(backend, "_profile", None)
+        if profile is not None:  # TensorRT: batches beyond its profile run on CUDA, as served
+            shape = (batch, *version.spec.architecture.grid, version.spec.architecture.patch_dim)
+            point["runs_on"] = TENSORRT if profile.covers(shape) else CUDA
+        points.append(point)
+    return points, left
+
+
+# --- TensorRT, in a subprocess -------------------------------------------------------------------
+
+
+def tensorrt_worker(args: dict[str, Any]) -> dict[str, Any]:
+    """In a subprocess: the plain graph on TensorRT as the service builds it (its settings from
+    the environment), the build timed, parity against the CPU, throughput at each batch."""
+    plan = Plan(**{**args["plan"], "parity_grids": tuple(map(tuple, args["plan"]["parity_grids"]))})
+    repo, model, fp16 = Path(args["repo"]), args["model"], bool(args["fp16"])
+    clock = Clock(float(args["seconds"]))
+    version = scan_repository(repo).resolve(model, None)
+    started = time.perf_counter()
+    backend = open_on(repo, model, TENSORRT, Path(args["cache"]), trt_fp16=fp16)
+    build_s = time.perf_counter() - started
+    out: dict[str, Any] = {
+        "build_s": round(build_s, 1),
+        "placement": placement_json(backend.placement),
+        "profile": vars(backend._profile) if backend._profile is not None else None,
+    }
+    if backend.provider != TENSORRT:
+        out["skipped"] = f"TensorRT did not take the graph: {backend.placement.fallback}"
+        return out
+    reference = OnnxBackend(version.graph_path, version.spec, [CPU])
+    out["parity"] = parity_of(
+        f"{model} TensorRT fp{16 if fp16 else 32}", backend, reference, version, plan, fp16
+    )
+    del reference
+    out["points"], out["not_measured"] = sweep(backend, version, plan, clock, reserve_s=2.0)
+    return out
+
+
+def run_tensorrt(
+    repo: Path, model: str, fp16: bool, plan: Plan, limit_s: float, workdir: Path
+) -> dict[str, Any]:
+    """`tensorrt_worker` in a subprocess killed after `limit_s` (an engine build can take
+    minutes): what it measured, or why not."""
+    result = workdir / f"tensorrt-fp{16 if fp16 else 32}.json"
+    args = {
+        "plan": {**vars(plan), "parity_grids": [list(g) for g in plan.parity_grids]},
+        "repo": str(repo),
+        "model": model,
+        "fp16": fp16,
+        "cache": str(workdir / "trt_cache"),
+        "seconds": max(10.0, limit_s - 5.0),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.gpu_check",
+        "--worker",
+        json.dumps(args),
+        "--worker-out",
+        str(result),
+    ]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, timeout=limit_s, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"no result within {limit_s:.0f} s (engine build and measurement)"}
+    if done.returncode != 0 or not result.exists():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        return {"error": f"exit {done.returncode}: " + " | ".join(tail)}
+    out: dict[str, Any] = json.loads(result.read_text())
+    out["subprocess_s"] = round(time.monotonic() - started, 1)
+    return out
+
+
+# --- 4. end to end ----------------------------------------------------------------------------
+
+
+def decode_ceiling(bodies: list[bytes], version: ModelVersion, seconds: float) -> dict[str, Any]:
+    """Decode + resize + patchify img/s on one core (this thread), as the service does it
+    (`app.pipeline.imaging.prepare`, crop), and that times the machine's cores."""
+    from app.pipeline.imaging import prepare
+
+    settings = Settings()
+    fit = settings.fit_max_tokens or 2 * version.spec.architecture.native_tokens
+    done = 0
+    cpu0, t0 = time.thread_time(), time.perf_counter()
+    while time.perf_counter() - t0 < seconds or done < 5:
+        body = bodies[done % len(bodies)]
+        prepare(
+            body,
+            version.spec,
+            "crop",
+            name="bench",
+            max_pixels=settings.image_max_pixels,
+            fit_max_tokens=fit,
+        )
+        done += 1
+    per_core = done / (time.thread_time() - cpu0)
+    cores = os.cpu_count() or 1
+    return {
+        "img_per_s_per_core": round(per_core, 1),
+        "cores": cores,
+        "ceiling_img_per_s": round(per_core * cores, 1),
+    }
+
+
+def end_to_end(repo: Path, model: str, plan: Plan, clock: Clock, workdir: Path) -> dict[str, Any]:
+    """The service over `model`: its placement, then img/s, p50, p99 at each concurrency."""
+    from bench import harness
+
+    images = harness.load_images(100)
+    version = scan_repository(repo).resolve(model, None)
+    result: dict[str, Any] = {"model": model, "images": images.source}
+    result["decode"] = decode_ceiling(images.bodies, version, 1.0 if plan.smoke else 3.0)
+    cores = os.cpu_count() or 1
+    env = {
+        # Decoding on every core but the client's and the event loop's; room to queue 256.
+        "VIT_SERVE_PREPROCESS_THREADS": str(max(1, cores - 2)),
+        "VIT_SERVE_MAX_QUEUE_IMAGES": str(max(512, 2 * max(plan.concurrency))),
+        "VIT_SERVE_PROVIDERS": json.dumps([plan.device])
+        if plan.smoke
+        else os.environ.get("VIT_SERVE_PROVIDERS", ""),
+    }
+    env = {k: v for k, v in env.items() if v}
+    result["service_env"] = env
+    log = workdir / "service.log"
+    with harness.service(repo, model, env=env, log=log) as server:
+        models = asyncio.run(harness.get(server.port, "/models"))
+        (info,) = [m for m in json.loads(models.body)["models"] if m["name"] == model]
+        result["placement"] = {
+            k: info.get(k) for k in ("provider", "wanted_provider", "fallback", "placement")
+        }
+        target = server.target()
+        asyncio.run(
+            harness.closed_loop(target, images.bodies, 16, 10**9, 1.0 if plan.smoke else 3.0)
+        )
+        levels = []
+        for concurrency in plan.concurrency:
+            if clock.left < plan.seconds_per_level + 5:
+                result.setdefault("not_measured", []).append(concurrency)
+                continue
+            level = asyncio.run(
+                harness.closed_loop(
+                    target, images.bodies, concurrency, 10**9, plan.seconds_per_level, cpu=True
+                )
+            )
+            levels.append(
+                {
+                    "concurrency": concurrency,
+                    "img_per_s": round(level.img_per_s, 1),
+                    "p50_ms": round(level.latency_ms_p50, 2),
+                    "p99_ms": round(level.latency_ms_p99, 2),
+                    "ok": level.ok,
+                    "errors": level.errors,
+                    "lost": level.lost,
+                    "server_cpu_ms_per_image": level.server_cpu_ms_per_image,
+                    "client_cpu_ms_per_image": level.client_cpu_ms_per_image,
+                }
+            )
+        result["levels"] = levels
+    return result
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def phase(report: Report, name: str) -> Iterator[None]:
+    """A phase whose error is reported, not raised: the others still run."""
+    started = time.monotonic()
+    say(f"-- {name}")
+    try:
+        yield
+    except Exception as exc:
+        report.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+        say(f"   error: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+    finally:
+        say(f"   ({time.monotonic() - started:.1f} s)")
+
+
+def check(plan: Plan, workdir: Path, tensorrt: bool) -> Report:
+    report = Report(plan)
+    clock = Clock(plan.budget_s)
+    cache = workdir / "trt_cache"
+    with phase(report, "environment"):
+        env = report.environment = environment()
+        say(
+            f"   Python {env['python']}, ONNX Runtime {env['onnxruntime']} (CUDA "
+            f"{env['built_for_cuda']}), GPU {env['gpu']} (sm {env['compute_capability']}), "
+            f"TensorRT {env['tensorrt']}"
+        )
+        for provider, libs in env["libraries"].items():
+            say(f"   {provider}: {libs['problem'] or 'every library it links against loads'}")
+    if not plan.smoke and (missing := gpu_missing(report.environment)) is not None:
+        report.errors.append(f"no usable GPU: {missing}")
+        return report
+    use_tensorrt = tensorrt and not plan.smoke and tensorrt_usable(report.environment)
+    repo = workdir / "repo"
+    kits = {form: GraphKit(plan.size, form) for form in ("none", "fused", "fp16")}
+    models: dict[str, str] = {}
+    with phase(report, f"graphs: {plan.size}, random weights"):
+        for form, kit in kits.items():
+            models[form], _ = model_repository(kit, repo)
+
+    with phase(report, "placement and parity against the CPU"):
+        demo = scan_repository(DEMO_REPO).resolve(DEMO_MODEL, None)
+        cpu_demo = OnnxBackend(demo.graph_path, demo.spec, [CPU])
+        sessions = [(f"{DEMO_MODEL} {plan.device}", DEMO_MODEL, plan.device, False)]
+        if use_tensorrt:
+            sessions.append((f"{DEMO_MODEL} TensorRT fp16", DEMO_MODEL, TENSORRT, True))
+        for label, model, provider, fp16 in sessions:
+            device = open_on(DEMO_REPO, model, provider, cache)
+            report.placement[label] = placement_json(device.placement)
+            report.parity += parity_of(
+                label, device, cpu_demo, demo, plan, fp16, ((8, 8), (5, 13), (12, 12))
+            )
+        for form, fp16 in (("fused", False), ("fp16", True)):
+            model = models[form]
+            version = scan_repository(repo).resolve(model, None)
+            device = open_on(repo, model, plan.device, cache)
+            report.placement[f"{model} {plan.device}"] = placement_json(device.placement)
+            reference = OnnxBackend(version.graph_path, version.spec, [CPU])
+            rows = parity_of(f"{model} {plan.device}", device, reference, version, plan, fp16)
+            if not fp16 and not all(r["passed"] for r in rows) and plan.device == CUDA:
+                # TF32 (CUDA's default for float32 matrix products) or a fault? Once without it.
+                strict = ort.InferenceSession(
+                    str(version.graph_path), providers=[(CUDA, {"use_tf32": "0"})]
+                )
+                for i, (row, grid) in enumerate(zip(rows, plan.parity_grids, strict=True)):
+                    x = patches(version, plan.parity_batch, grid, seed=i)
+                    (logits,) = strict.run(None, {"patches": x})
+                    row["max_abs_diff_tf32_off"] = float(np.abs(logits - reference.run(x)).max())
+                del strict
+            report.parity += rows
+            del device, reference
+        for row in report.parity:
+            say(
+                f"   {row['graph']:<32} {row['grid']:>6}: max |diff| {row['max_abs_diff']:.2e} "
+                f"(bound {row['bound']:.1e}), top-1 {row['top1_agree']}  "
+                f"{'ok' if row['passed'] else 'FAILED'}"
+            )
+        for label, placed in report.placement.items():
+            say(f"   {label}: runs on {placed['provider']}; nodes {placed['nodes']}")
+        gc.collect()
+
+    reserve_e2e = 0.0 if plan.smoke else 70.0  # kept for the service, which runs after CUDA
+    with phase(report, f"raw throughput on {plan.device}"):
+        for form, precision in (("fused", "fp32"), ("fp16", "fp16")):
+            model = models[form]
+            version = scan_repository(repo).resolve(model, None)
+            started = time.perf_counter()
+            backend = open_on(repo, model, plan.device, cache)
+            points, left = sweep(backend, version, plan, clock, reserve_e2e)
+            report.raw.append(
+                {
+                    "provider": backend.provider,
+                    "precision": precision,
+                    "graph": form,
+                    "session_s": round(time.perf_counter() - started, 1),
+                    "io_binding": backend.io_binding,
+                    "points": points,
+                    "not_measured": left,
+                }
+            )
+            if left:
+                report.skipped.append(f"{plan.device} {precision}: batches {left} (time budget)")
+            for p in points:
+                say(point_line(f"{backend.provider} {precision}", p))
+            del backend
+        gc.collect()
+
+    with phase(report, "the service end to end"):
+        if clock.left < 30:
+            report.skipped.append("end to end (time budget)")
+        else:
+            report.end_to_end = end_to_end(repo, models["fp16"], plan, clock, workdir)
+            e2e = report.end_to_end
+            decode = e2e["decode"]
+            say(
+                f"   decode ceiling: {decode['img_per_s_per_core']} img/s per core x "
+                f"{decode['cores']} = {decode['ceiling_img_per_s']} img/s"
+            )
+            say(f"   service on {e2e['placement']['provider']} ({e2e['placement']['placement']})")
+            for level in e2e["levels"]:
+                say(level_line(level))
+
+    if use_tensorrt:
+        with phase(report, "raw throughput on TensorRT (the service's own settings)"):
+            for fp16 in (True, False):
+                precision = "fp16" if fp16 else "fp32"
+                if clock.left < 30:
+                    report.skipped.append(f"TensorRT {precision} (time budget)")
+                    continue
+                out = run_tensorrt(repo, models["none"], fp16, plan, clock.left - 10, workdir)
+                report.raw.append(
+                    {"provider": TENSORRT, "precision": precision, "graph": "none", **out}
+                )
+                report.parity += out.get("parity", [])
+                if "points" not in out:
+                    say(f"   TensorRT {precision}: {out.get('skipped') or out.get('error')}")
+                    continue
+                say(f"   TensorRT {precision}: engine build and first run {out['build_s']} s")
+                for p in out["points"]:
+                    say(point_line(f"TensorRT {precision}", p))
+    elif not plan.smoke:
+        report.skipped.append(
+            "TensorRT: "
+            + (report.environment["libraries"].get(TENSORRT, {}).get("problem") or "--no-tensorrt")
+        )
+    report.seconds = clock.elapsed
+    return report
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+def summary(report: Report) -> list[str]:
+    """The figures a reader wants first."""
+    machine = "CPU smoke run" if report.plan.smoke else report.environment.get("gpu")
+    lines = [f"GPU check ({machine}) in {report.seconds:.0f} s"]
+    if report.parity:
+        failed = [f"{r['graph']} {r['grid']}" for r in report.parity if not r["passed"]]
+        passed = len(report.parity) - len(failed)
+        lines.append(
+            f"parity: {passed}/{len(report.parity)} within bounds"
+            + (f"; failed: {', '.join(failed)}" if failed else "")
+        )
+    best: dict[str, tuple[float, int]] = {}
+    for run in report.raw:
+        for p in run.get("points", []):
+            key = f"{run['provider']} {run['precision']}"
+            if p["img_per_s"] > best.get(key, (0.0, 0))[0]:
+                best[key] = (p["img_per_s"], p["batch"])
+    for key, (rate, batch) in best.items():
+        lines.append(f"raw {key}: best {rate:,.0f} img/s at batch {batch}")
+    e2e = report.end_to_end
+    if e2e.get("levels"):
+        ceiling = e2e["decode"]["ceiling_img_per_s"]
+        fp16 = best.get(f"{e2e['placement']['provider']} fp16", (0.0, 0))[0]
+        limit = min(x for x in (fp16, ceiling) if x) if (fp16 or ceiling) else 0.0
+        for level in e2e["levels"]:
+            share = (
+                f" = {level['img_per_s'] / limit:.0%} of min(raw fp16, decode ceiling)"
+                if limit
+                else ""
+            )
+            lines.append(
+                f"service c={level['concurrency']}: {level['img_per_s']:,.0f} img/s, "
+                f"p50 {level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms{share}"
+            )
+        lines.append(
+            f"decode ceiling: {ceiling:,.0f} img/s ({e2e['decode']['img_per_s_per_core']} per core)"
+        )
+    lines += [f"skipped: {s}" for s in report.skipped]
+    lines += [f"error: {e}" for e in report.errors]
+    return lines
+
+
+def draw(report: Report, path: Path) -> None:
+    """One PNG: raw img/s against batch per provider and precision (left), the service's img/s
+    at each concurrency against the raw best and the decode ceiling (right). Pillow only."""
+    from PIL import Image, ImageDraw
+
+    width, height, pad = 1000, 460, 50
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    title = "GPU check: " + (
+        "CPU smoke run" if report.plan.smoke else str(report.environment.get("gpu"))
+    )
+    d.text((pad, 10), title, fill="black")
+    series = [
+        (f"{r['provider'].replace('ExecutionProvider', '')} {r['precision']}", r["points"])
+        for r in report.raw
+        if r.get("points")
+    ]
+    # Left: raw throughput, log2 batch on x.
+    left = (pad, 40, width // 2 - 20, height - pad)
+    top = max((p["img_per_s"] for _, pts in series for p in pts), default=1.0)
+    batches = sorted({p["batch"] for _, pts in series for p in pts}) or [1]
+    span = max(1.0, float(np.log2(max(batches))))
+
+    def xy(batch: int, rate: float) -> tuple[float, float]:
+        x = left[0] + (left[2] - left[0]) * (float(np.log2(batch)) / span)
+        y = left[3] - (left[3] - left[1]) * rate / (top * 1.1)
+        return x, y
+
+    d.rectangle(left, outline="black")
+    d.text((left[0], left[3] + 8), "batch (log2): " + ", ".join(map(str, batches)), fill="black")
+    d.text((left[0] + 4, left[1] + 4), f"raw img/s (top {top:,.0f})", fill="black")
+    for i, (name, pts) in enumerate(series):
+        colour = colours[i % len(colours)]
+        line = [xy(p["batch"], p["img_per_s"]) for p in pts]
+        if len(line) > 1:
+            d.line(line, fill=colour, width=2)
+        for x, y in line:
+            d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        d.text((left[2] - 110, left[1] + 8 + 14 * i), name, fill=colour)
+    # Right: the service at each concurrency.
+    right = (width // 2 + 20, 40, width - pad, height - pad)
+    d.rectangle(right, outline="black")
+    e2e = report.end_to_end
+    levels = e2e.get("levels", [])
+    ceiling = float(e2e.get("decode", {}).get("ceiling_img_per_s", 0.0))
+    best_fp16 = max(
+        (
+            p["img_per_s"]
+            for r in report.raw
+            if r["precision"] == "fp16"
+            for p in r.get("points", [])
+        ),
+        default=0.0,
+    )
+    scale = max([ceiling, best_fp16, *(lv["img_per_s"] for lv in levels), 1.0]) * 1.1
+    d.text((right[0] + 4, right[1] + 4), "service img/s at each concurrency", fill="black")
+    for value, name, colour in (
+        (best_fp16, "raw fp16 best", "#2ca02c"),
+        (ceiling, "decode ceiling", "#d62728"),
+    ):
+        if value:
+            y = right[3] - (right[3] - right[1]) * value / scale
+            d.line((right[0], y, right[2], y), fill=colour, width=1)
+            d.text((right[0] + 6, y - 14), f"{name} {value:,.0f}", fill=colour)
+    bar = (right[2] - right[0]) / max(1, 2 * len(levels) + 1)
+    for i, level in enumerate(levels):
+        x0 = right[0] + bar * (2 * i + 1)
+        y = right[3] - (right[3] - right[1]) * level["img_per_s"] / scale
+        d.rectangle((x0, y, x0 + bar, right[3]), fill="#1f77b4")
+        d.text(
+            (x0, y - 28), f"{level['img_per_s']:,.0f}\np99 {level['p99_ms']:.0f} ms", fill="black"
+        )
+        d.text((x0, right[3] + 8), f"c={level['concurrency']}", fill="black")
+    img.save(path)
+
+
+def write(report: Report, out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    name = "gpu_check_smoke" if report.plan.smoke else "gpu_check"
+    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
+    json_path.write_text(json.dumps(report.as_json(), indent=2, default=str) + "\n")
+    draw(report, png_path)
+    return json_path, png_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--cpu-smoke", action="store_true", help="every phase on the CPU, tiny encoder")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and PNG go")
+    p.add_argument("--budget-s", type=float, default=None, help="default 330 (smoke: 150)")
+    p.add_argument("--no-tensorrt", action="store_true", help="skip TensorRT even where it loads")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker is not None:  # the TensorRT subprocess
+        a.worker_out.write_text(json.dumps(tensorrt_worker(json.loads(a.worker)), default=str))
+        return 0
+    plan = Plan.make(a.cpu_smoke, a.budget_s)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        report = check(plan, Path(tmp), tensorrt=not a.no_tensorrt)
+    json_path, png_path = write(report, a.out)
+    say("")
+    for line in summary(report):
+        say(line)
+    say(f"wrote {json_path} and {png_path}")
+    if any(e.startswith("no usable GPU") for e in report.errors):
+        return 2
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
