@@ -92,6 +92,14 @@ def takes_tensorrt(level: OptimizationLevel, rollout: bool) -> bool:
     return level == "none" and not rollout
 
 
+def cpu_only(level: OptimizationLevel, rollout: bool) -> bool:
+    """Whether the graph is for CPUs only: the int8 form quantises activations to uint8 at run
+    time (DynamicQuantizeLinear, which ONNX Runtime's CUDA provider lacks) and CUDA's int8
+    kernels take int8 activations only, so on a GPU its matrix products would run on the CPU,
+    copied to and fro around every node. Its rollout graph is fp32."""
+    return level == "int8" and not rollout
+
+
 def fallback_chain(providers: Sequence[str]) -> list[list[str]]:
     """The provider lists the service tries for one graph, in turn: all of them, then without
     the first, and so on down to the CPU alone ([TensorRT, CUDA, CPU] -> [CUDA, CPU] -> [CPU]).

@@ -172,6 +172,13 @@ def execution_plan(settings: Settings, version: ModelVersion, rollout: bool) -> 
     level = prov.graph_form(spec, version.version)
     takes = prov.takes_tensorrt(level, rollout)
     providers = candidate_providers(settings.providers, takes)
+    if prov.cpu_only(level, rollout) and GPU_PROVIDERS.intersection(providers):
+        # Not served beside a GPU: the version is listed as not ready with this reason, and a
+        # model's default falls to its highest version that serves (an fp32 one).
+        raise RuntimeLoadError(
+            f"its graph is int8, a CPU form, and this replica offers {providers[0]}: serve an "
+            "fp32 version here, or set VIT_SERVE_PROVIDERS='[\"CPUExecutionProvider\"]'"
+        )
     wanted = wanted_provider(settings.providers, takes)
     gpu_wanted = [p for p in dict.fromkeys([wanted, *providers]) if p in GPU_PROVIDERS]
     problems = {p: why for p in gpu_wanted if (why := provider_problem(p)) is not None}

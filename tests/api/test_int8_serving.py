@@ -130,3 +130,28 @@ async def test_an_int8_version_serves_rollout_maps_from_its_fp32_rollout_graph(
 def test_the_gate_recorded_for_the_side_by_side_version_passes(side_by_side: Path) -> None:
     gate = ModelSpec.load(side_by_side / DEMO / SPEC_FILENAME).versions[2].optimization.int8
     assert gate is not None and failures(gate, Gate()) == []
+
+
+async def test_beside_a_gpu_the_int8_version_stands_aside_and_fp32_is_the_default(
+    side_by_side: Path,
+) -> None:
+    # CUDA offered (the GPU build lists it on any machine): the int8 graph would run its
+    # matrix products on the CPU between copies, so it is not served there, and says why.
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    async with serve(Settings(model_repo=side_by_side, default_model=DEMO, providers=gpu)) as c:
+        body = (await c.get("/models")).json()
+        (demo,) = body["models"]
+        assert demo["versions"] == [1] and demo["default_version"] == 1
+        (aside,) = body["not_ready"]
+        assert (aside["model"], aside["version"]) == (DEMO, 2)
+        assert "int8, a CPU form" in aside["reason"]
+        assert body["replica_not_ready"] is None  # the replica still serves
+        assert (await c.get("/readyz")).status_code == 200
+        response = await c.post("/classify", params={"version": 2}, files=_files(1))
+        assert response.status_code == 503 and "int8, a CPU form" in response.text
+
+
+def _files(count: int) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [
+        ("image", (f"{i}.png", data, "image/png")) for i, (data, _) in enumerate(_shapes(count))
+    ]

@@ -39,11 +39,13 @@ async def test_the_demo_model_shows_its_graph_form_and_no_tensorrt_precision() -
     async with serve(Settings(model_repo=DEMO_REPO)) as client:
         (model,) = (await client.get("/models")).json()["models"]
         metrics = (await client.get("/metrics")).text
+    # The default is version 2, int8 (README: why), beside version 1, the plain fp32 graph.
     assert (model["provider"], model["optimization"], model["tensorrt_fp16"]) == (
         "CPUExecutionProvider",
-        "none",
+        "int8",
         None,
     )
+    assert model["version_optimization"] == {"1": "none", "2": "int8"}
     # `wanted`: CUDA or TensorRT where onnxruntime-gpu is installed, the CPU with a CPU build.
     assert (
         'vit_serve_model_info{grid="8x8",model="demo-shapes",optimization="none",'

@@ -39,7 +39,8 @@ gpu_build_without_gpu = pytest.mark.skipif(
 
 
 def demo() -> ModelVersion:
-    return scan_repository(DEMO_REPO).resolve("demo-shapes", None)
+    # Version 1, the plain fp32 graph (what TensorRT takes); version 2 is int8, for CPUs.
+    return scan_repository(DEMO_REPO).resolve("demo-shapes", 1)
 
 
 def fallback_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:

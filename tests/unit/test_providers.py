@@ -43,7 +43,8 @@ H200 = EnginePlatform("1.31.1", "10.16.1", "NVIDIA H200", (9, 0))
 
 
 def demo_version() -> ModelVersion:
-    return scan_repository(DEMO_REPO).resolve("demo-shapes", None)
+    # Version 1, the plain fp32 graph (what TensorRT takes); version 2 is int8, for CPUs.
+    return scan_repository(DEMO_REPO).resolve("demo-shapes", 1)
 
 
 def demo_spec() -> ModelSpec:
