@@ -223,10 +223,25 @@ def settings_for(repo: Path, provider: str, cache: Path, **overrides: Any) -> Se
     )
 
 
-def open_on(repo: Path, model: str, provider: str, cache: Path, **overrides: Any) -> OnnxBackend:
-    version = scan_repository(repo).resolve(model, None)
-    backend, _ = open_backend(settings_for(repo, provider, cache, **overrides), version)
+def open_on(
+    repo: Path,
+    model: str,
+    provider: str,
+    cache: Path,
+    version: int | None = None,
+    **overrides: Any,
+) -> OnnxBackend:
+    found = scan_repository(repo).resolve(model, version)
+    backend, _ = open_backend(settings_for(repo, provider, cache, **overrides), found)
     return backend
+
+
+def plain_version(repo: Path, model: str) -> ModelVersion:
+    """A model's highest version exported plain (`none`: what every provider takes), else its
+    default."""
+    entry = scan_repository(repo).resolve(model, None)
+    plain = [v for v, files in entry.spec.versions.items() if files.optimization.level == "none"]
+    return scan_repository(repo).resolve(model, max(plain)) if plain else entry
 
 
 def placement_json(placement: Placement) -> dict[str, Any]:
@@ -516,13 +531,13 @@ def check(plan: Plan, workdir: Path, tensorrt: bool) -> Report:
             models[form], _ = model_repository(kit, repo)
 
     with phase(report, "placement and parity against the CPU"):
-        demo = scan_repository(DEMO_REPO).resolve(DEMO_MODEL, None)
+        demo = plain_version(DEMO_REPO, DEMO_MODEL)
         cpu_demo = OnnxBackend(demo.graph_path, demo.spec, [CPU])
         sessions = [(f"{DEMO_MODEL} {plan.device}", DEMO_MODEL, plan.device, False)]
         if use_tensorrt:
             sessions.append((f"{DEMO_MODEL} TensorRT fp16", DEMO_MODEL, TENSORRT, True))
         for label, model, provider, fp16 in sessions:
-            device = open_on(DEMO_REPO, model, provider, cache)
+            device = open_on(DEMO_REPO, model, provider, cache, demo.version)
             report.placement[label] = placement_json(device.placement)
             report.parity += parity_of(
                 label, device, cpu_demo, demo, plan, fp16, ((8, 8), (5, 13), (12, 12))
