@@ -135,3 +135,20 @@ def test_a_materialised_kit_runs_at_any_grid_and_serves_from_a_repository(tmp_pa
     version = scan_repository(tmp_path / "repo").resolve(name, None)
     assert version.spec.versions[1].optimization.level == "fused"
     assert version.spec.architecture.grid == (14, 14) and version.rollout_path is None
+
+
+def test_tensorrt_is_built_with_the_services_own_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine measured is the one the service would build: every setting from the
+    # environment as the service reads it, but for where the graphs and the cache are and the
+    # provider measured.
+    from app.core.settings import Settings
+
+    monkeypatch.setenv("VIT_SERVE_MAX_BATCH_SIZE", "64")
+    monkeypatch.setenv("VIT_SERVE_FIT_MAX_TOKENS", "300")
+    used = gpu_check.settings_for(tmp_path, "TensorrtExecutionProvider", tmp_path / "cache")
+    service = Settings(model_repo=tmp_path, trt_cache_dir=tmp_path / "cache")
+    different = {k for k, v in used.model_dump().items() if v != service.model_dump()[k]}
+    assert different <= {"providers", "warmup"}
+    assert (used.max_batch_size, used.fit_max_tokens, used.trt_fp16) == (64, 300, True)

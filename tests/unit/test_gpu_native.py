@@ -156,3 +156,25 @@ def test_the_wheels_cuda_version_is_its_build_info() -> None:
     if provider_library(CUDA_PROVIDER_LIBRARY) is None:
         pytest.skip("not onnxruntime-gpu")
     assert version is not None and re.fullmatch(r"\d+\.\d+", version)
+
+
+def test_onnx_runtimes_preload_runs_only_with_a_driver_and_prints_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnxruntime
+
+    calls: list[str] = []
+
+    def preload_dlls() -> None:
+        calls.append("called")
+        print("Failed to load libcudnn.so.9: not found")  # what it prints where one is missing
+
+    monkeypatch.setattr(onnxruntime, "preload_dlls", preload_dlls, raising=False)
+    monkeypatch.setattr(native, "driver_present", lambda: False)
+    native.preload_nvidia_wheels()
+    assert calls == []
+    monkeypatch.setattr(native, "driver_present", lambda: True)
+    nvidia = Path(onnxruntime.__file__).parent.parent / "nvidia"
+    native.preload_nvidia_wheels()
+    assert calls == (["called"] if nvidia.is_dir() else [])  # NVIDIA's wheels beside it
+    assert capsys.readouterr().out == ""  # to the debug log, never stdout
