@@ -12,8 +12,8 @@ from pydantic import SecretStr, ValidationError
 from app.core.settings import Settings
 from app.http.auth import AdminKeyDep
 from app.http.errors import install_error_handlers
-from tests.api.conftest import ClientFactory
 from tests.images import png
+from tests.support import ClientFactory
 
 pytestmark = pytest.mark.anyio
 
