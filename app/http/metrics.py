@@ -198,7 +198,14 @@ class Metrics:
     def watch(self, service: ClassifyService, draining: Callable[[], bool]) -> None:
         """Gauges read from the running service at scrape time, and the served models now."""
         self.queue_depth.set_function(lambda: service.batcher.queued)
-        self.ready.set_function(lambda: float(service.ready and service.serving and not draining()))
+        self.ready.set_function(
+            lambda: float(
+                service.ready
+                and service.serving
+                and service.models.not_ready_reason is None  # VIT_SERVE_REQUIRE_GPU unmet
+                and not draining()
+            )
+        )
         self.queue_capacity.set(service.batcher.max_queue_images)
         self.show_models(service.models)
 

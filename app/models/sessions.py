@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from app.core.priority import in_lowered_thread
 from app.core.settings import Settings
-from app.models.providers import GPU_PROVIDERS, Placement
+from app.models.providers import Placement
 from app.models.repository import ModelVersion, VersionKey
 from app.models.runtime import (
     Backend,
@@ -140,14 +140,20 @@ class Sessions:
         return named
 
     def cpu_fallbacks(self) -> list[str]:
-        """Why sessions of this version that should run on a GPU run on the CPU: one line per
-        graph, empty when none did (a graph the service wanted on the CPU is not one)."""
+        """Why sessions of this version run off the GPU: one line per graph, empty when every
+        one runs on a GPU provider (what `require_gpu` asks of all of them)."""
         lines = []
         for name, placed in dict(self.placements()).items():
-            if placed.on_gpu or (placed.wanted or placed.provider) not in GPU_PROVIDERS:
+            if placed.on_gpu:
                 continue
-            lines.append(f"its {name} graph runs on {placed.provider} ({placed.fallback})")
+            why = placed.fallback or NO_GPU_OFFERED
+            lines.append(f"its {name} graph runs on {placed.provider} ({why})")
         return lines
+
+
+NO_GPU_OFFERED = (
+    "no GPU provider was offered to it: VIT_SERVE_PROVIDERS, or a CPU build of ONNX Runtime"
+)
 
 
 class GpuRequiredError(RuntimeError):

@@ -104,7 +104,8 @@ async def test_models_show_a_gpu_placement_and_tensorrts_precision() -> None:
     async with serve(settings, placed(ON_TENSORRT), no_rollout) as client:
         (model,) = (await client.get("/models")).json()["models"]
         ready = await client.get("/readyz")
-    assert ready.status_code == 200
+        metrics = (await client.get("/metrics")).text
+    assert ready.status_code == 200 and "\nvit_serve_ready 1.0\n" in metrics
     assert model["placement"] == {TENSORRT: 380, CPU: 20}
     assert (model["provider"], model["fallback"], model["tensorrt_fp16"]) == (TENSORRT, None, True)
 
@@ -128,7 +129,9 @@ async def test_require_gpu_keeps_a_replica_whose_sessions_landed_on_the_cpu_not_
         classify = await client.post(
             "/classify", content=b"x", headers={"content-type": "image/png"}
         )
+        metrics = (await client.get("/metrics")).text
     assert ready.status_code == 503
+    assert "\nvit_serve_ready 0.0\n" in metrics  # the gauge says what /readyz says
     detail = ready.json()["detail"]
     assert detail.startswith("VIT_SERVE_REQUIRE_GPU is set and sessions that should run on a GPU")
     assert "demo-shapes/1" in detail and "libcublas.so.13 not found" in detail
@@ -142,11 +145,14 @@ async def test_require_gpu_keeps_a_replica_whose_sessions_landed_on_the_cpu_not_
     assert classify.status_code == 503
 
 
-async def test_require_gpu_leaves_a_graph_the_service_wanted_on_the_cpu_alone() -> None:
-    # A CPU build of ONNX Runtime (or providers: [CPU]) wants the CPU: nothing fell back.
+async def test_require_gpu_also_refuses_a_replica_never_offered_a_gpu() -> None:
+    # A CPU build of ONNX Runtime (the wrong image), or providers: [CPU], on a GPU deployment:
+    # nothing fell back, and still nothing runs on a GPU.
     settings = Settings(model_repo=DEMO_REPO, providers=[CPU], require_gpu=True)
     async with serve(settings) as client:
-        assert (await client.get("/readyz")).status_code == 200
+        ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert "no GPU provider was offered to it" in ready.json()["detail"]
 
 
 @gpu_build_without_gpu
