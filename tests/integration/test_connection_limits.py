@@ -156,11 +156,17 @@ def test_a_64_mb_header_is_refused_early_without_stalling_others(replica: Replic
     poller = threading.Thread(target=poll)
     poller.start()
     try:
+        deadline = time.monotonic() + 10
+        while len(latencies) < 3 and time.monotonic() < deadline:  # polling before, during
+            time.sleep(0.01)
+        polled_before = len(latencies)
         head = b"GET /healthz HTTP/1.1\r\nhost: test\r\nx-huge: "
         answer = exchange(replica, head + b"a" * (64 * 1024 * 1024) + b"\r\n\r\n", timeout_s=30)
+        time.sleep(0.1)  # and after
     finally:
         stop.set()
         poller.join(timeout=10)
+    assert polled_before >= 3 and len(latencies) > polled_before, latencies
     # Refused, and the answer reached the client whole: the server read and dropped the rest
     # of the header rather than close under it (which would have sent a reset).
     assert (answer.status, answer.ended) == (431, "eof")
