@@ -25,13 +25,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from app.core.settings import Settings
 from app.http.errors import RETRY_AFTER_S
-
-if TYPE_CHECKING:
-    from app.http.protocol import GuardedHttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +178,12 @@ class ConnectionLimits:
 # --- the connections of one server ------------------------------------------------------------
 
 
+class IdleConnection(Protocol):
+    """A connection the registry can close to make room (app/http/protocol.py's)."""
+
+    def close_idle(self) -> None: ...
+
+
 class ConnectionRegistry:
     """What the connections of one server share: the limits, the idle ones, the shedding counts.
 
@@ -194,14 +197,14 @@ class ConnectionRegistry:
 
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
-        self.idle: dict[GuardedHttpToolsProtocol, None] = {}
+        self.idle: dict[IdleConnection, None] = {}
         self.closed_idle = 0
         self.refused = 0
         self.dropped = 0
         self._reported = (0, 0, 0)
         self._report_at = 0.0
 
-    def oldest_idle(self) -> GuardedHttpToolsProtocol | None:
+    def oldest_idle(self) -> IdleConnection | None:
         return next(iter(self.idle), None)
 
     def note(self, closed_idle: int = 0, refused: int = 0, dropped: int = 0) -> None:
