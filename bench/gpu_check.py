@@ -58,7 +58,7 @@ import numpy as np
 import onnxruntime as ort
 
 from app.core.settings import Settings
-from app.models import native, runtime
+from app.models import native, plan
 from app.models.providers import CPU, CUDA, TENSORRT, Placement
 from app.models.repository import ModelVersion, scan_repository
 from app.models.runtime import OnnxBackend
@@ -177,7 +177,7 @@ def environment() -> dict[str, Any]:
         if provider not in ort.get_available_providers():
             libraries[provider] = {"problem": "not in this ONNX Runtime build"}
             continue
-        problem = runtime.provider_problem(provider)
+        problem = plan.provider_problem(provider)
         found = probe()
         libraries[provider] = {
             "needs": list(found.needed),

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.models.runtime import candidate_providers, open_session
+from app.models.plan import candidate_providers
+from app.models.runtime import open_session
 from app.models.spec import (
     GRAPH_FILENAME,
     ROLLOUT_GRAPH_FILENAME,

@@ -9,25 +9,20 @@ runs is read from ONNX Runtime's record of which provider each node was assigned
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from app.core.settings import Settings
-from app.models import native
 from app.models import providers as prov
 from app.models.providers import CPU as CPU  # re-exported: callers name providers from here too
 from app.models.providers import CUDA as CUDA
-from app.models.providers import GPU_PROVIDERS, EnginePlatform, Placement, Profile, TensorrtConfig
+from app.models.providers import GPU_PROVIDERS, Placement, Profile
 from app.models.providers import TENSORRT as TENSORRT
-from app.models.repository import ModelVersion
 from app.models.spec import ModelSpec, RolloutParams
 
 log = logging.getLogger(__name__)
@@ -62,148 +57,6 @@ class RolloutBackend(Protocol):
 
 class RuntimeLoadError(RuntimeError):
     """A graph could not be loaded into ONNX Runtime."""
-
-
-def _cuda_driver_present() -> bool:
-    # onnxruntime-gpu lists the CUDA and TensorRT providers on every machine and, without a
-    # driver, prints a page of errors before falling back; a missing libcuda settles it quietly.
-    return native.driver_present()
-
-
-@functools.cache
-def _preloaded() -> None:
-    """NVIDIA's CUDA and cuDNN wheels loaded where they help (`native.preload_nvidia_wheels`),
-    once per process, before any provider is probed."""
-    native.preload_nvidia_wheels()
-
-
-def provider_problem(provider: str) -> str | None:
-    """Why a GPU provider cannot run here: no driver, or a library its provider library links
-    against (at the SONAME it links against) that loads neither from the loader's path nor from
-    NVIDIA's wheels; None where every one loads (and is now loaded), or for the CPU."""
-    if provider not in GPU_PROVIDERS:
-        return None
-    if not _cuda_driver_present():
-        return f"no NVIDIA driver ({native.DRIVER} does not load)"
-    _preloaded()
-    libraries = native.tensorrt_provider() if provider == TENSORRT else native.cuda_provider()
-    return libraries.reason()
-
-
-def _tensorrt_libraries_present() -> bool:
-    # Every library TensorRT's provider links against (libnvinfer, libnvonnxparser, cuDNN,
-    # cuBLAS, ...), at its SONAME: an image without them would fail each session's TensorRT.
-    return provider_problem(TENSORRT) is None
-
-
-def _cuda_libraries_present() -> bool:
-    return provider_problem(CUDA) is None
-
-
-def candidate_providers(requested: list[str] | None, takes_tensorrt: bool = False) -> list[str]:
-    """The providers to try for a graph, best first; CPU is always the last resort.
-
-    Without an explicit list: TensorRT, CUDA, CPU, as far as the driver, the libraries and
-    this ONNX Runtime build allow. TensorRT only for a graph that `takes_tensorrt`
-    (`app.models.providers.takes_tensorrt`) and whose session is given TensorRT's options
-    (`execution_plan`): without explicit profiles it would rebuild its engine per new grid.
-    """
-    available = ort.get_available_providers()
-    if requested is not None:
-        unknown = [p for p in requested if p not in available]
-        if unknown:
-            log.warning("providers %s are not in this ONNX Runtime build (%s)", unknown, available)
-    gpu_build = bool(GPU_PROVIDERS & set(available))
-    driver = gpu_build and _cuda_driver_present()
-    auto = requested is None
-    return prov.candidate_providers(
-        requested,
-        available,
-        driver=driver,
-        tensorrt_libraries=auto and takes_tensorrt and driver and _tensorrt_libraries_present(),
-        takes_tensorrt=takes_tensorrt,
-        cuda_libraries=auto and driver and _cuda_libraries_present(),
-    )
-
-
-def wanted_provider(requested: list[str] | None, takes_tensorrt: bool) -> str:
-    """The provider a graph would get on a machine where every library of this ONNX Runtime
-    build loads: what a session is measured against when it lands elsewhere."""
-    available = ort.get_available_providers()
-    return prov.candidate_providers(
-        requested, available, driver=True, tensorrt_libraries=True, takes_tensorrt=takes_tensorrt
-    )[0]
-
-
-def engine_platform() -> EnginePlatform:
-    """The versions and GPU a TensorRT engine built now is for (part of its cache key)."""
-    gpu = native.gpu()
-    return EnginePlatform(
-        onnxruntime=ort.__version__,
-        tensorrt=native.tensorrt_version(),
-        gpu=gpu.name if gpu is not None else None,
-        capability=gpu.capability if gpu is not None else None,
-    )
-
-
-@dataclass(frozen=True)
-class ExecutionPlan:
-    """How one graph of one version is to be run: providers with their options."""
-
-    providers: list[str]
-    options: dict[str, dict[str, str]]
-    profile: Profile | None  # TensorRT's, where TensorRT is offered
-    optimization: str  # the graph's form, from model.json
-    # What the graph would run on were every library there (`wanted_provider`), and why the
-    # GPU providers that are not offered or will fail cannot run here.
-    wanted: str = CPU
-    problems: dict[str, str] = field(default_factory=dict)
-
-    def describe(self, provider: str) -> str:
-        """For the log line of a loaded graph: the provider in use and what matters of it."""
-        shown = prov.options_shown(provider, self.options)
-        return f"{provider} ({shown})" if shown else provider
-
-
-def execution_plan(settings: Settings, version: ModelVersion, rollout: bool) -> ExecutionPlan:
-    """Providers and options for a version's plain (`rollout` False) or rollout graph."""
-    spec = version.spec
-    files = spec.versions.get(version.version)
-    level = prov.graph_form(spec, version.version)
-    takes = prov.takes_tensorrt(level, rollout)
-    providers = candidate_providers(settings.providers, takes)
-    if prov.cpu_only(level, rollout) and GPU_PROVIDERS.intersection(providers):
-        # Not served beside a GPU: the version is listed as not ready with this reason, and a
-        # model's default falls to its highest version that serves (an fp32 one).
-        raise RuntimeLoadError(
-            f"its graph is int8, a CPU form, and this replica offers {providers[0]}: serve an "
-            "fp32 version here, or set VIT_SERVE_PROVIDERS='[\"CPUExecutionProvider\"]'"
-        )
-    wanted = wanted_provider(settings.providers, takes)
-    gpu_wanted = [p for p in dict.fromkeys([wanted, *providers]) if p in GPU_PROVIDERS]
-    problems = {p: why for p in gpu_wanted if (why := provider_problem(p)) is not None}
-    tensorrt = None
-    profile = None
-    if TENSORRT in providers and files is not None:
-        arch = spec.architecture
-        profile = prov.served_profile(
-            arch,
-            settings.fit_max_tokens or 2 * arch.native_tokens,
-            settings.max_batch_size,
-            settings.batch_tokens(gpu=True),
-        )
-        key = prov.tensorrt_options_key(profile, settings.trt_fp16, engine_platform())
-        tensorrt = TensorrtConfig(
-            input_name=spec.input_name,
-            profile=profile,
-            fp16=settings.trt_fp16,
-            cache_root=settings.trt_cache_dir,
-            engine_dir=prov.engine_cache_dir(
-                settings.trt_cache_dir, spec.name, version.version, files.model, key
-            ),
-        )
-    options = prov.provider_options(providers, tensorrt)
-    return ExecutionPlan(providers, options, profile, level, wanted, problems)
 
 
 def open_placed_session(
@@ -446,115 +299,3 @@ class OnnxRolloutBackend:
                 f"model {self.spec.name}: the rollout graph returns outputs of shapes {got}, "
                 f"model.json promises {expected}"
             )
-
-
-# --- the service's own fallback ----------------------------------------------------------------
-
-B = TypeVar("B", OnnxBackend, OnnxRolloutBackend)
-
-
-@dataclass(frozen=True)
-class Fallback:
-    """One step down the provider chain for one graph."""
-
-    provider: str  # the provider tried
-    reason: str
-    next: list[str]  # what is tried next
-
-
-def open_on_best(
-    make: Callable[[list[str]], B], plan: ExecutionPlan, graph: str
-) -> tuple[B, list[Fallback]]:
-    """`make(providers)` (a backend, warmed up) on the plan's providers, and on failure down
-    `fallback_chain` (TensorRT -> CUDA -> CPU); each step logged as a JSON line with its reason
-    (`provider_fallback`). The backend's placement is then marked with the provider the graph
-    wanted and, where it runs elsewhere, why: the steps', or the plan's reason for a provider it
-    could not offer, or ONNX Runtime having assigned it nothing. Raises the CPU's error when even
-    the CPU cannot run the graph.
-    """
-    steps: list[Fallback] = []
-    chain = prov.fallback_chain(plan.providers)
-    for i, providers in enumerate(chain):
-        try:
-            backend = make(providers)
-        except RuntimeLoadError as exc:
-            if i == len(chain) - 1:
-                raise
-            error = _first_line(str(exc))
-            known = plan.problems.get(providers[0])
-            step = Fallback(providers[0], f"{known}; {error}" if known else error, chain[i + 1])
-            steps.append(step)
-            log.warning(
-                "%s: %s failed, trying %s: %s",
-                graph,
-                step.provider,
-                step.next,
-                step.reason,
-                extra={
-                    "event": "provider_fallback",
-                    "graph": graph,
-                    "provider": step.provider,
-                    "next": step.next,
-                    "reason": step.reason,
-                },
-            )
-            continue
-        # Besides the steps: a provider ONNX Runtime dropped without an error (its libraries
-        # did not load), or the wanted one never offered (no driver, no libraries).
-        silent = None
-        if backend.placement.provider != providers[0]:
-            silent = f"{providers[0]}: {plan.problems.get(providers[0], _NOTHING_ASSIGNED)}"
-        elif plan.wanted not in providers and not steps:
-            silent = f"{plan.wanted}: {plan.problems.get(plan.wanted, 'not offered to it')}"
-        reasons = [f"{s.provider}: {s.reason}" for s in steps] + ([silent] if silent else [])
-        backend.placement = backend.placement.with_fallback(plan.wanted, "; ".join(reasons) or None)
-        if silent is not None and backend.placement.fallback is not None:
-            # On a machine without a driver (onnxruntime-gpu on a CPU) this is expected: info.
-            log.log(
-                logging.WARNING if _cuda_driver_present() else logging.INFO,
-                "%s: wanted %s, running on %s: %s",
-                graph,
-                plan.wanted,
-                backend.placement.provider,
-                silent,
-                extra={
-                    "event": "provider_fallback",
-                    "graph": graph,
-                    "provider": plan.wanted,
-                    "running_on": backend.placement.provider,
-                    "reason": silent,
-                },
-            )
-        return backend, steps
-    raise AssertionError("the fallback chain ends on the CPU")  # pragma: no cover
-
-
-_NOTHING_ASSIGNED = "ONNX Runtime assigned it none of the graph's arithmetic"
-
-
-def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else text
-    return line[:500]
-
-
-def placement_of(backend: object) -> Placement:
-    """Where a backend's graph runs: its recorded placement, or (a backend that keeps none, as
-    a test's fake) the provider it reports."""
-    placement = getattr(backend, "placement", None)
-    if isinstance(placement, Placement):
-        return placement
-    inner = getattr(backend, "inner", None)
-    if inner is not None:
-        return placement_of(inner)
-    return Placement(str(getattr(backend, "provider", CPU)))
-
-
-def placements_of(backend: object) -> list[Placement]:
-    """Every session of a backend (TensorRT's and the CUDA one beside it)."""
-    found = getattr(backend, "placements", None)
-    if isinstance(found, list) and all(isinstance(p, Placement) for p in found):
-        return list(found)
-    inner = getattr(backend, "inner", None)
-    if inner is not None:
-        return placements_of(inner)
-    return [placement_of(backend)]

@@ -20,19 +20,11 @@ from numpy.typing import NDArray
 
 from app.core.priority import in_lowered_thread
 from app.core.settings import Settings
+from app.models.fallback import open_on_best, placement_of, placements_of
+from app.models.plan import ExecutionPlan, execution_plan
 from app.models.providers import Placement
 from app.models.repository import ModelVersion, VersionKey
-from app.models.runtime import (
-    Backend,
-    ExecutionPlan,
-    OnnxBackend,
-    OnnxRolloutBackend,
-    RolloutBackend,
-    execution_plan,
-    open_on_best,
-    placement_of,
-    placements_of,
-)
+from app.models.runtime import Backend, OnnxBackend, OnnxRolloutBackend, RolloutBackend
 from app.models.spec import RolloutParams
 
 log = logging.getLogger(__name__)

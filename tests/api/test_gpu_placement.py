@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 
 from app.core.settings import Settings
 from app.main import create_app
-from app.models import runtime
+from app.models import plan
 from app.models.providers import CPU, CUDA, TENSORRT, Placement
 from app.models.repository import ModelVersion
 from app.models.runtime import Backend, RolloutBackend
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.anyio
 DEMO_REPO = Path(__file__).resolve().parents[2] / "model_repo"
 
 gpu_build_without_gpu = pytest.mark.skipif(
-    TENSORRT not in ort.get_available_providers() or runtime._cuda_driver_present(),
+    TENSORRT not in ort.get_available_providers() or plan._cuda_driver_present(),
     reason="needs onnxruntime-gpu on a machine without a GPU driver (its providers then fail)",
 )
 

@@ -9,7 +9,8 @@ import onnxruntime as ort
 import pytest
 
 from app.core.settings import Settings
-from app.models import runtime
+from app.models import plan
+from app.models.plan import execution_plan
 from app.models.providers import (
     CPU,
     CUDA,
@@ -30,7 +31,7 @@ from app.models.providers import (
     tensorrt_options_key,
 )
 from app.models.repository import ModelVersion, scan_repository
-from app.models.runtime import OnnxBackend, OnnxRolloutBackend, execution_plan
+from app.models.runtime import OnnxBackend, OnnxRolloutBackend
 from app.models.sessions import open_backend
 from app.models.spec import Architecture, ModelSpec, RolloutParams
 
@@ -146,27 +147,27 @@ def gpu_machine(
         CUDA: None if cuda else "libcublas.so.13 not found",
     }
     monkeypatch.setattr(ort, "get_available_providers", lambda: list(ALL))
-    monkeypatch.setattr(runtime, "_cuda_driver_present", lambda: driver)
+    monkeypatch.setattr(plan, "_cuda_driver_present", lambda: driver)
     monkeypatch.setattr(
-        runtime,
+        plan,
         "provider_problem",
         lambda p: None if p == CPU else ("no NVIDIA driver" if not driver else problems[p]),
     )
-    monkeypatch.setattr(runtime, "engine_platform", lambda: H200)
+    monkeypatch.setattr(plan, "engine_platform", lambda: H200)
 
 
 def test_runtime_asks_the_build_the_driver_and_the_libraries(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gpu_machine(monkeypatch, driver=True, tensorrt=True)
-    assert runtime.candidate_providers(None, takes_tensorrt=True) == [TENSORRT, CUDA, CPU]
-    assert runtime.candidate_providers(None) == [CUDA, CPU]
+    assert plan.candidate_providers(None, takes_tensorrt=True) == [TENSORRT, CUDA, CPU]
+    assert plan.candidate_providers(None) == [CUDA, CPU]
     gpu_machine(monkeypatch, driver=True, tensorrt=False)
-    assert runtime.candidate_providers(None, takes_tensorrt=True) == [CUDA, CPU]
+    assert plan.candidate_providers(None, takes_tensorrt=True) == [CUDA, CPU]
     gpu_machine(monkeypatch, driver=False, tensorrt=True)
-    assert runtime.candidate_providers(None, takes_tensorrt=True) == [CPU]
+    assert plan.candidate_providers(None, takes_tensorrt=True) == [CPU]
     gpu_machine(monkeypatch, driver=True, tensorrt=False, cuda=False)
-    assert runtime.candidate_providers(None, takes_tensorrt=True) == [CPU]
+    assert plan.candidate_providers(None, takes_tensorrt=True) == [CPU]
 
 
 # --- TensorRT's profile and options -------------------------------------------------------
@@ -360,7 +361,7 @@ def test_io_binding_gives_the_rollout_of_session_run(params: RolloutParams) -> N
 # --- on a GPU -----------------------------------------------------------------------------
 
 needs_gpu = pytest.mark.skipif(
-    not runtime._cuda_driver_present() or CUDA not in ort.get_available_providers(),
+    not plan._cuda_driver_present() or CUDA not in ort.get_available_providers(),
     reason="needs an NVIDIA driver and onnxruntime-gpu: this machine has no GPU",
 )
 
@@ -368,8 +369,8 @@ needs_gpu = pytest.mark.skipif(
 @needs_gpu
 @pytest.mark.parametrize("provider", [TENSORRT, CUDA])
 def test_the_demo_model_on_the_gpu_matches_the_cpu(provider: str, tmp_path: Path) -> None:
-    if provider == TENSORRT and not runtime._tensorrt_libraries_present():
-        pytest.skip(f"TensorRT cannot load here: {runtime.provider_problem(TENSORRT)}")
+    if provider == TENSORRT and not plan._tensorrt_libraries_present():
+        pytest.skip(f"TensorRT cannot load here: {plan.provider_problem(TENSORRT)}")
     version = demo_version()
     settings = Settings(model_repo=DEMO_REPO, trt_cache_dir=tmp_path, providers=[provider])
     gpu, _ = open_backend(settings, version)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from app.models.plan import candidate_providers
 from app.models.repository import scan_repository
-from app.models.runtime import CPU, OnnxBackend, RuntimeLoadError, candidate_providers
+from app.models.runtime import CPU, OnnxBackend, RuntimeLoadError
 from tests.support import TinyRepo
 
 
