@@ -332,14 +332,15 @@ def running(
     metrics: bool,
     log: Path | None = None,
     ready_timeout_s: float = 120.0,
+    cwd: Path = ROOT,
 ) -> Iterator[Server]:
     """`cmd` listening on `port`, ready when the block starts, stopped after it; `log`: where
-    its stdout and stderr go (None: this process's own)."""
+    its stdout and stderr go (None: this process's own); `cwd`: the checkout it runs from."""
     with contextlib.ExitStack() as stack:
         output = stack.enter_context(log.open("wb")) if log is not None else None
         process = subprocess.Popen(
             cmd,
-            cwd=ROOT,
+            cwd=cwd,
             env={**os.environ, **env},
             stdout=output,
             stderr=None if output is None else subprocess.STDOUT,
@@ -362,8 +363,10 @@ def service(
     env: Mapping[str, str] | None = None,
     log: Path | None = None,
     name: str = "service",
+    tree: Path = ROOT,
 ) -> contextlib.AbstractContextManager[Server]:
-    """`python -m app.server` over `repo`, `model` its default; `env`: VIT_SERVE_* overrides."""
+    """`python -m app.server` over `repo`, `model` its default; `env`: VIT_SERVE_* overrides;
+    `tree`: the checkout whose `app` it runs (another commit's, to compare two)."""
     port = free_port()
     settings = {
         "VIT_SERVE_MODEL_REPO": str(repo),
@@ -374,7 +377,8 @@ def service(
         **(env or {}),
     }
     cmd = [sys.executable, "-m", "app.server"]
-    return running(name, cmd, settings, port, f"/classify?model={model}&top_k=5", True, log)
+    path = f"/classify?model={model}&top_k=5"
+    return running(name, cmd, settings, port, path, True, log, cwd=tree)
 
 
 def naive_server(repo: Path, model: str) -> contextlib.AbstractContextManager[Server]:
