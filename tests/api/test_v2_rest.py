@@ -278,6 +278,7 @@ async def test_overload_is_503_with_retry_after(tiny_repo: TinyRepo) -> None:
             backends.gate.set()
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
+        assert "connection" not in refused.headers  # its body was read: the connection goes on
         assert "overloaded" in refused.json()["error"]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from app.core.errors import BusyError, InvalidInputError, NotReadyError
 from app.core.records import current_request
@@ -39,7 +40,7 @@ from app.http.v2.schemas import (
     ServerReadyResponse,
 )
 from app.models.spec import MODEL_NAME_PATTERN
-from app.pipeline.service import ClassifyService
+from app.pipeline.service import BUSY_MESSAGE, ClassifyService
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,8 @@ async def infer(request: Request) -> Response:
         check_api_key(request)
         service = await get_service(request)
         header_timeout = _header_timeout_ms(request)
+        if service.busy:
+            return await _refuse_busy(request, service)
         with service.admission():
             settings = service.settings
             body = await read_body(request, settings.upload_max_bytes, settings.body_read_timeout_s)
@@ -268,6 +271,25 @@ async def infer(request: Request) -> Response:
         media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(json_length)},
     )
+
+
+async def _refuse_busy(request: Request, service: ClassifyService) -> Response:
+    """503 for a request that finds every place taken, as the middleware refuses /classify's:
+    its body read and dropped (bounded in size and time) so that the connection can carry the
+    client's retry; closed when the body is too large or too slow."""
+    settings = service.settings
+    response = error_response(BusyError(BUSY_MESSAGE))
+    received = 0
+    try:
+        async with asyncio.timeout(settings.body_read_timeout_s):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > settings.upload_max_bytes:
+                    return response  # with Connection: close
+    except (TimeoutError, ClientDisconnect):
+        return response
+    del response.headers["connection"]
+    return response
 
 
 def _header_timeout_ms(request: Request) -> float | None:
