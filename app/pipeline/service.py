@@ -1,11 +1,11 @@
 """The classify service: the request path from uploaded bytes to labelled answers; no HTTP.
 
 `ClassifyService.classify` resolves the model version in the model table, preprocesses in a
-bounded thread pool, queues the patch grids on the batcher and turns logits into top-k answers,
-all under one deadline per request. `ClassifyService.infer` does the same for the Open Inference
-Protocol's front doors, which send encoded images or ready patch grids and want the raw tensors
-back (logits, rollout maps). It also admits requests (`admission`): one place each, from before
-the body is read until the answer.
+bounded thread pool (app/pipeline/preprocessing.py), queues the patch grids on the batcher and
+turns logits into top-k answers, all under one deadline per request. `ClassifyService.infer`
+does the same for the Open Inference Protocol's front doors, which send encoded images or ready
+patch grids and want the raw tensors back (logits, rollout maps). It also admits requests
+(`admission`): one place each, from before the body is read until the answer.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -30,38 +28,24 @@ from app.core.errors import (
     InvalidParameterError,
     RolloutUnavailableError,
     TooManyImagesError,
-    UnsupportedMediaTypeError,
 )
 from app.core.priority import lower_this_thread
 from app.core.settings import Settings
 from app.models.repository import ModelVersion
 from app.models.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec, RolloutParams
 from app.models.table import ModelTable
-from app.pipeline.batches import BatchKey, DeadlineExceededError, OverloadedError
+from app.pipeline.batches import BatchKey
 from app.pipeline.batching import Batcher
 from app.pipeline.imaging import (
-    FORMATS_HINT,
-    ImageDecodeError,
-    PreparedImage,
     ResizePolicy,
-    prepare,
-    resize_plan,
 )
 from app.pipeline.postprocess import Prediction, predictions
-from app.pipeline.rollout import RolloutMap, RolloutResult, heatmap_png, normalise
+from app.pipeline.preprocessing import Preprocessor, Upload
+from app.pipeline.rollout import RolloutMap, RolloutResult, normalise
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 BUSY_MESSAGE = "the server is overloaded (every request place is taken); retry shortly"
-
-
-@dataclass(frozen=True)
-class Upload:
-    data: bytes
-    name: str  # how messages name it: "'cat.jpg'" or "(request body)"
-    content_type: str | None = None  # as the client declared it
 
 
 @dataclass(frozen=True)
@@ -100,14 +84,6 @@ class Inference:
     timing: Timing
 
 
-def _declares_image(content_type: str | None) -> bool:
-    # Clients often send images as octet-stream or with no type at all: try those too.
-    if not content_type:
-        return True
-    mime = content_type.split(";")[0].strip().lower()
-    return mime.startswith("image/") or mime == "application/octet-stream"
-
-
 def _rollout_of(rollout: RolloutMap | None) -> RolloutMap:
     if rollout is None:  # the batcher answers every rollout key with a map
         raise RuntimeError("a rollout request was answered without a rollout map")
@@ -128,13 +104,7 @@ class ClassifyService:
             thread_initializer=functools.partial(lower_this_thread, settings.worker_nice),
         )
         models.bind(self.batcher)
-        self._pool = ThreadPoolExecutor(
-            max_workers=settings.preprocess_threads,
-            thread_name_prefix="vit-serve-preprocess",
-            initializer=lower_this_thread,
-            initargs=(settings.worker_nice,),
-        )
-        self._preprocessing = 0  # images handed to the pool and not yet back
+        self.preprocessor = Preprocessor(settings)
         self._admitted = 0  # requests between admission and answer
         self._ready = False
 
@@ -156,7 +126,7 @@ class ClassifyService:
         self._ready = False
         await self.models.stop()
         await self.batcher.stop(self.settings.drain_timeout_s)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.preprocessor.shutdown()
 
     @property
     def busy(self) -> bool:
@@ -182,7 +152,7 @@ class ClassifyService:
             self._admitted -= 1
 
     def fit_max_tokens(self, spec: ModelSpec) -> int:
-        return self.settings.fit_max_tokens or 2 * spec.architecture.native_tokens
+        return self.preprocessor.fit_max_tokens(spec)
 
     async def classify(
         self,
@@ -255,7 +225,9 @@ class ClassifyService:
                 self._check_count(len(images))
                 if not images:
                     raise InvalidInputError("the request holds no image")
-                prepared = await self._prepare_all(images, target.spec, resize, deadline)
+                prepared = await self.preprocessor.prepare_all(
+                    images, target.spec, resize, deadline
+                )
                 records.note_preprocessed(len(prepared), time.perf_counter() - started)
                 grids = [p.grid for p in prepared]
                 patches = [p.patches for p in prepared]
@@ -333,12 +305,8 @@ class ClassifyService:
         k = self._top_k(top_k, target.spec)
         if rollout is not None:
             self._check_rollout(target, rollout)
-        if len(uploads) > self.settings.images_per_request_max:
-            raise TooManyImagesError(
-                f"{len(uploads)} images in one request; the limit is "
-                f"{self.settings.images_per_request_max}: split them over several requests"
-            )
-        prepared = await self._prepare_all(uploads, target.spec, resize, deadline)
+        self._check_count(len(uploads))
+        prepared = await self.preprocessor.prepare_all(uploads, target.spec, resize, deadline)
         preprocessed = time.perf_counter()
         records.note_preprocessed(len(prepared), preprocessed - started)
         outputs = await self.batcher.infer(
@@ -351,7 +319,7 @@ class ClassifyService:
             maps = [_rollout_of(output.rollout) for output in outputs]
             pngs: Sequence[str | None] = [None] * len(prepared)
             if heatmap:
-                pngs = await self._draw_heatmaps(
+                pngs = await self.preprocessor.draw_heatmaps(
                     uploads, prepared, maps, target.spec, resize, deadline
                 )
             rollouts = [
@@ -394,43 +362,6 @@ class ClassifyService:
                 f"'{target.name}'; it takes: {', '.join(contract.head_fusions)}"
             )
 
-    async def _draw_heatmaps(
-        self,
-        uploads: Sequence[Upload],
-        prepared: Sequence[PreparedImage],
-        maps: Sequence[RolloutMap],
-        spec: ModelSpec,
-        resize: ResizePolicy,
-        deadline: float,
-    ) -> list[str]:
-        """Each map over its image, as a base64 PNG, drawn in the preprocessing pool.
-
-        The image is decoded again rather than kept from preprocessing: a decoded photo held
-        through the queue would cost up to `image_max_pixels` * 3 bytes per waiting image, and
-        preprocessing may have decoded a JPEG at reduced scale.
-        """
-        fit_max_tokens = self.fit_max_tokens(spec)
-        calls = [
-            functools.partial(
-                heatmap_png,
-                upload.data,
-                upload.name,
-                self.settings.image_max_pixels,
-                heat,
-                # The plan that preprocessing used: it maps the grid back onto the image.
-                resize_plan(*image.image_size, spec, resize, fit_max_tokens),
-            )
-            for upload, image, heat in zip(uploads, prepared, maps, strict=True)
-        ]
-        # Admitted work already ran inference, so it is not refused now; counting it lets new
-        # requests see the pool's backlog.
-        return await self._in_pool(
-            calls,
-            deadline,
-            "the request timed out while its heatmaps were being drawn; ask for rollout=true "
-            "(the grid without the picture) or send smaller images",
-        )
-
     def _top_k(self, top_k: int | None, spec: ModelSpec) -> int:
         k = self.settings.top_k_default if top_k is None else top_k
         if not 1 <= k <= self.settings.top_k_max:
@@ -438,73 +369,3 @@ class ClassifyService:
                 f"top_k must be between 1 and {self.settings.top_k_max}, got {k}"
             )
         return min(k, spec.architecture.num_classes)  # asking for more than exist is no error
-
-    async def _prepare_all(
-        self, uploads: Sequence[Upload], spec: ModelSpec, resize: ResizePolicy, deadline: float
-    ) -> list[PreparedImage]:
-        # The pool's own queue is unbounded, so bound what waits for it here.
-        if self._preprocessing + len(uploads) > self.settings.max_queue_images:
-            raise OverloadedError(
-                f"the server is overloaded (decode queue full at {self.settings.max_queue_images} "
-                "images); retry shortly"
-            )
-        calls = [functools.partial(self._prepare, u, spec, resize) for u in uploads]
-        return await self._in_pool(
-            calls, deadline, "the request timed out while its images were being decoded"
-        )
-
-    async def _in_pool(
-        self, calls: Sequence[Callable[[], T]], deadline: float, late: str
-    ) -> list[T]:
-        """Each call in the preprocessing pool, counted in its backlog while it waits or runs;
-        DeadlineExceededError(`late`) at the deadline. The first failure in the calls' order is
-        raised, so a request's answer does not depend on which thread finished first."""
-        loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(self._pool, call) for call in calls]
-        self._preprocessing += len(jobs)
-        try:
-            outcomes = await asyncio.wait_for(
-                asyncio.gather(*jobs, return_exceptions=True), timeout=deadline - loop.time()
-            )
-        except TimeoutError:
-            raise DeadlineExceededError(late) from None
-        finally:
-            self._preprocessing -= len(jobs)
-        results: list[T] = []
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-            results.append(outcome)
-        return results
-
-    def _prepare(self, upload: Upload, spec: ModelSpec, resize: ResizePolicy) -> PreparedImage:
-        """Runs in the preprocessing pool."""
-        started = time.perf_counter()
-        try:
-            prepared = prepare(
-                upload.data,
-                spec,
-                resize,
-                name=upload.name,
-                max_pixels=self.settings.image_max_pixels,
-                fit_max_tokens=self.fit_max_tokens(spec),
-                jpeg_draft=self.settings.jpeg_draft,
-            )
-        except ImageDecodeError as exc:
-            if _declares_image(upload.content_type):
-                raise
-            raise UnsupportedMediaTypeError(
-                f"part {upload.name} is declared as '{upload.content_type}' and is not an "
-                f"image; {FORMATS_HINT}"
-            ) from exc
-        if log.isEnabledFor(logging.DEBUG):
-            stages = prepared.stages_ms
-            log.debug(
-                "prepared %s in %.2f ms (decode %.2f, resize %.2f, patchify %.2f)",
-                upload.name,
-                (time.perf_counter() - started) * 1e3,
-                stages.decode_ms,
-                stages.resize_ms,
-                stages.patchify_ms,
-            )
-        return prepared

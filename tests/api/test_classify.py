@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-import app.pipeline.service as service_module
+import app.pipeline.preprocessing as preprocessing_module
 from app.pipeline.imaging import PreparedImage, prepare
 from tests.fakes import FakeBackends
 from tests.images import jpeg, png
@@ -328,7 +328,7 @@ async def test_a_request_still_decoding_at_its_deadline_is_504(
     make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     decoder = HeldDecoder()
-    monkeypatch.setattr(service_module, "prepare", decoder)
+    monkeypatch.setattr(preprocessing_module, "prepare", decoder)
     async with make_client(request_timeout_s=0.2) as c:
         response = await c.post("/classify", **raw(jpeg()))
         decoder.release.set()
@@ -339,7 +339,7 @@ async def test_a_full_decode_queue_is_503(
     make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     decoder = HeldDecoder()
-    monkeypatch.setattr(service_module, "prepare", decoder)
+    monkeypatch.setattr(preprocessing_module, "prepare", decoder)
     async with make_client(max_queue_images=1) as c:
         first = asyncio.create_task(c.post("/classify", **raw(jpeg())))
         assert await asyncio.to_thread(decoder.entered.wait, 10)

@@ -30,7 +30,8 @@ from app.models.repository import ModelVersion, UnknownModelError
 from app.models.spec import HEAD_FUSIONS, HeadFusion, ModelSpec, RolloutParams
 from app.pipeline.imaging import ResizePolicy
 from app.pipeline.postprocess import softmax
-from app.pipeline.service import ClassifyService, Inference, Upload
+from app.pipeline.preprocessing import Upload
+from app.pipeline.service import ClassifyService, Inference
 
 SERVER_NAME = "vit-serve"
 # Extension names as Triton reports them (tritonclient reads none of them; people do).
