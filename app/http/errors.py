@@ -1,4 +1,8 @@
-"""Exceptions -> HTTP statuses, always as {"detail": "<a message a person can act on>"}."""
+"""Exceptions -> HTTP statuses, as {"detail": "<a message a person can act on>"}.
+
+Under /v2 the same messages come as {"error": ...}: the Open Inference Protocol's clients
+(tritonclient, the KServe SDK) read that key, also for an unknown route or a wrong method.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from app.core.errors import (
     AdminDisabledError,
@@ -69,7 +75,16 @@ _LOAD_SHEDDING = (OverloadedError, BusyError, DeadlineExceededError, ShuttingDow
 _PLACES = {"query": "query parameter", "path": "path parameter", "header": "header"}
 
 
-def error_response(status: int, message: str) -> JSONResponse:
+V2_PREFIX = "/v2"
+
+
+def body_key(request: Request) -> str:
+    """The key an error's message goes under on this path: "error" under /v2, else "detail"."""
+    path: str = request.url.path
+    return "error" if path == V2_PREFIX or path.startswith(V2_PREFIX + "/") else "detail"
+
+
+def error_response(status: int, message: str, key: str = "detail") -> JSONResponse:
     headers: dict[str, str] = {}
     if status == 401:
         # RFC 9110: a 401 names the scheme that would succeed (X-API-Key works as well).
@@ -81,7 +96,7 @@ def error_response(status: int, message: str) -> JSONResponse:
     elif status == 503:
         # Transient by construction (a full queue, a restart): tell clients when to retry.
         headers["Retry-After"] = str(RETRY_AFTER_S)
-    return JSONResponse({"detail": message}, status_code=status, headers=headers or None)
+    return JSONResponse({key: message}, status_code=status, headers=headers or None)
 
 
 async def _known_error(request: Request, exc: Exception) -> JSONResponse:
@@ -91,7 +106,7 @@ async def _known_error(request: Request, exc: Exception) -> JSONResponse:
     # event loop most when it can least afford it: the access log and metrics count them.
     if status >= 500 and not isinstance(exc, _LOAD_SHEDDING):
         log.warning("%s %s -> %d: %s", request.method, request.url.path, status, message)
-    response = error_response(status, message)
+    response = error_response(status, message, body_key(request))
     if isinstance(exc, BusyError):
         response.headers["Connection"] = "close"
     return response
@@ -110,16 +125,27 @@ def describe_validation_errors(errors: Sequence[Any]) -> str:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return error_response(422, describe_validation_errors(exc.errors()))
+    return error_response(422, describe_validation_errors(exc.errors()), body_key(request))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Starlette still re-raises after this response, so the traceback reaches the server log.
-    return error_response(500, "internal server error; the details are in the server log")
+    message = "internal server error; the details are in the server log"
+    return error_response(500, message, body_key(request))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Routing's own errors (404 no such route, 405 wrong method): FastAPI's answer, but with
+    the protocol's key under /v2."""
+    assert isinstance(exc, HTTPException)
+    if body_key(request) == "detail":
+        return await http_exception_handler(request, exc)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     for exc_type in STATUS_OF:
         app.add_exception_handler(exc_type, _known_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

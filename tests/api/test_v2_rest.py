@@ -315,3 +315,18 @@ async def test_access_key_guards_inference_only(tiny_repo: TinyRepo) -> None:
         assert ok.status_code == 200
         assert (await client.get("/v2/models/tiny")).status_code == 200
         assert (await client.get("/v2/health/ready")).status_code == 200
+
+
+async def test_routing_errors_under_v2_carry_the_protocols_error_key(v2: httpx.AsyncClient) -> None:
+    # tritonclient reads {"error"}; a bare {"detail"} made it raise a KeyError instead.
+    missing = await v2.get("/v2/no/such/route")
+    assert (missing.status_code, missing.json()) == (404, {"error": "Not Found"})
+    wrong_method = await v2.delete("/v2/models/tiny/infer")
+    assert (wrong_method.status_code, wrong_method.json()) == (
+        405,
+        {"error": "Method Not Allowed"},
+    )
+    assert "allow" in wrong_method.headers
+    # Elsewhere the service's own shape stays.
+    elsewhere = await v2.get("/no/such/route")
+    assert (elsewhere.status_code, elsewhere.json()) == (404, {"detail": "Not Found"})
