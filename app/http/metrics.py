@@ -187,7 +187,7 @@ class Metrics:
             "model_info",
             "1 for each served model version, with the provider that runs its graph (from ONNX "
             "Runtime's node assignment), the provider wanted for it (they differ after a "
-            "fallback), native grid and graph form (optimization: none, fused, fp16)",
+            "fallback), native grid and graph form (optimization: none, fused, fp16, int8)",
             ["model", "version", "provider", "wanted", "grid", "optimization"],
             namespace=ns,
             registry=r,
