@@ -268,29 +268,42 @@ def test_the_shared_photos_get_the_same_top1_in_the_container_as_outside_it(
         best = response.json()["results"][0]["predictions"][0]
         return best["label"], best["score"]
 
-    async def classify_all(client: httpx.AsyncClient) -> list[tuple[str, float]]:
+    async def classify_all(client: httpx.AsyncClient, query: str) -> list[tuple[str, float]]:
         gate = asyncio.Semaphore(4)
 
         async def one(photo: Path) -> tuple[str, float]:
             async with gate:
                 response = await client.post(
-                    "/classify", content=photo.read_bytes(), headers={"content-type": "image/jpeg"}
+                    f"/classify{query}",
+                    content=photo.read_bytes(),
+                    headers={"content-type": "image/jpeg"},
                 )
             return top1(response)
 
         return list(await asyncio.gather(*(one(p) for p in photos)))
 
-    async def both() -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    Answers = dict[str, list[tuple[str, float]]]
+    queries = {"fp32": "?version=1", "default": ""}
+
+    async def both() -> tuple[Answers, Answers]:
         async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
-            inside = await classify_all(client)
+            inside = {k: await classify_all(client, q) for k, q in queries.items()}
         # The service outside any container: the same bundled models, in this process.
         async with serve(Settings(model_repo=ROOT / "model_repo")) as client:
-            outside = await classify_all(client)
+            outside = {k: await classify_all(client, q) for k, q in queries.items()}
         return inside, outside
 
     inside, outside = asyncio.run(both())
-    assert [label for label, _ in inside] == [label for label, _ in outside]
-    assert max(abs(a - b) for (_, a), (_, b) in zip(inside, outside, strict=True)) < 1e-4
+    # The fp32 graph answers the same whatever shares its batch: the same top-1, the same score.
+    assert [label for label, _ in inside["fp32"]] == [label for label, _ in outside["fp32"]]
+    fp32_pairs = zip(inside["fp32"], outside["fp32"], strict=True)
+    assert max(abs(a - b) for (_, a), (_, b) in fp32_pairs) < 1e-4
+    # The default (int8, dynamic quantisation) scales its activations per batch, so its scores
+    # move with the batch's other images (up to ~0.2 in a logit) and a near-tie may flip.
+    agree = sum(
+        a == b for (a, _), (b, _) in zip(inside["default"], outside["default"], strict=True)
+    )
+    assert agree >= 98, f"int8 top-1 agreed on {agree} of 100 photos inside and outside"
 
 
 def test_a_model_repository_mounted_read_only_elsewhere_is_served(
