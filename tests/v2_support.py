@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import numpy as np
 import uvicorn
 from numpy.typing import NDArray
@@ -20,6 +18,7 @@ from numpy.typing import NDArray
 from app.core.settings import Settings
 from app.main import create_app
 from app.models.repository import ModelVersion
+from tests.support import free_port
 
 
 class HeldBackend:
@@ -59,26 +58,6 @@ class HeldBackends:
 
     def started(self) -> bool:
         return any(b.started.is_set() for b in self.made)
-
-
-@contextlib.asynccontextmanager
-async def asgi_client(
-    settings: Settings, backend_factory: Any = None
-) -> AsyncIterator[httpx.AsyncClient]:
-    """The app (its lifespan run) behind an httpx client over ASGI, no socket."""
-    app = create_app(settings, backend_factory=backend_factory)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
-    ):
-        yield client
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)

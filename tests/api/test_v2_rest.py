@@ -19,8 +19,8 @@ from tritonclient.http import InferenceServerClient as Codec
 from app.core.settings import Settings
 from app.pipeline.service import ClassifyService
 from tests.images import png
-from tests.support import TinyRepo
-from tests.v2_support import HeldBackends, asgi_client, wait_until
+from tests.support import TinyRepo, serve
+from tests.v2_support import HeldBackends, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -80,7 +80,7 @@ def result(response: httpx.Response) -> Any:
 
 @pytest.fixture(scope="module")
 async def v2(tiny_repo: TinyRepo) -> Any:
-    async with asgi_client(Settings(model_repo=tiny_repo.root)) as client:
+    async with serve(Settings(model_repo=tiny_repo.root)) as client:
         yield client
 
 
@@ -265,7 +265,7 @@ async def test_overload_is_503_with_retry_after(tiny_repo: TinyRepo) -> None:
     settings = Settings(
         model_repo=tiny_repo.root, max_queue_images=2, max_batch_size=1, warmup=False
     )
-    async with asgi_client(settings, backends) as client:
+    async with serve(settings, backends) as client:
         backends.gate.clear()
         patches = np.zeros((1, 8, 8, 192), np.uint8)
         async with anyio.create_task_group() as group:
@@ -285,7 +285,7 @@ async def test_overload_is_503_with_retry_after(tiny_repo: TinyRepo) -> None:
 async def test_deadline_is_504(tiny_repo: TinyRepo) -> None:
     backends = HeldBackends()
     settings = Settings(model_repo=tiny_repo.root, warmup=False)
-    async with asgi_client(settings, backends) as client:
+    async with serve(settings, backends) as client:
         backends.gate.clear()
         patches = np.zeros((1, 8, 8, 192), np.uint8)
         async with anyio.create_task_group() as group:
@@ -303,7 +303,7 @@ async def test_deadline_is_504(tiny_repo: TinyRepo) -> None:
 
 async def test_access_key_guards_inference_only(tiny_repo: TinyRepo) -> None:
     settings = Settings(model_repo=tiny_repo.root, api_key=SecretStr("s3cret-key"))
-    async with asgi_client(settings) as client:
+    async with serve(settings) as client:
         patches = [patches_input(np.zeros((1, 8, 8, 192), np.uint8))]
         refused = await infer(client, patches)
         assert refused.status_code == 401

@@ -32,8 +32,8 @@ from typing import Any, NoReturn
 import httpx
 import pytest
 
-from tests.integration.stack import answers, free_port, wait_until
-from tests.support import ROOT
+from tests.integration.stack import answers, wait_until
+from tests.support import ROOT, free_port
 
 CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 CACHE = Path(

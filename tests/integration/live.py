@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, free_port
 
 ARTIFACTS = ROOT / "test-artifacts"
 SERVER_START_TIMEOUT_S = 60.0
@@ -47,13 +46,6 @@ class LiveServer:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def run_server(model_repo: Path, model: str, log_path: Path) -> Iterator[LiveServer]:
     """`uvicorn app.main:create_app --factory` (the README's serve command) until the block ends."""
@@ -65,7 +57,7 @@ def run_server(model_repo: Path, model: str, log_path: Path) -> Iterator[LiveSer
         "VIT_SERVE_INTRA_OP_THREADS": "1",
     }
     for attempt in range(3):
-        port = _free_port()
+        port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.support import ROOT
+from tests.support import ROOT, free_port
 
 DEPLOY = ROOT / "deploy"
 NGINX_CONF = DEPLOY / "nginx" / "nginx.conf"
@@ -48,13 +47,6 @@ def need_program(name: str, how: str) -> str:
     if found is None:
         pytest.skip(f"{name} is not installed ({how}; .ci/run installs it)")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -13,14 +13,13 @@ from app.probe import probe
 from tests.integration.stack import (
     LoadResult,
     answers,
-    free_port,
     nginx,
     png_bytes,
     replicas,
     run_load,
     wait_until,
 )
-from tests.support import TinyRepo
+from tests.support import TinyRepo, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
