@@ -7,9 +7,10 @@ On SIGTERM (what `docker stop` and Kubernetes send):
    503 that a client without retries would see as an error. Every answer now carries
    `Connection: close`, so kept-alive connections (a client's pool, nginx's upstream pool, a
    connection kube-proxy pinned to this pod) move to other replicas as they are used.
-2. Then the listener closes: the connections the kernel has already accepted are taken first,
-   so that every client that got a connection gets an answer, and from then on a connect is
-   refused (never reset after its request was sent). uvicorn's shutdown follows: in-flight
+2. Then the listener closes (app/http/listener.py): new handshakes are refused first, those
+   under way and the connections the kernel has already accepted are taken, so that every
+   client that got a connection gets an answer, and from then on a connect is refused (never
+   reset after its request was sent). uvicorn's shutdown follows: in-flight
    requests finish, a connection accepted but still silent gets a moment to send its request
    (app/http/protocol.py), idle kept-alive ones close, all within `drain_timeout_s`; then the
    lifespan's shutdown (the batcher finishes what is queued within `drain_timeout_s` and answers
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import math
 import signal
@@ -42,35 +42,13 @@ from app.http.connections import (
     open_files_limit,
     raise_open_files_limit,
 )
+from app.http.listener import HANDSHAKE_GRACE_S, refuse_new_handshakes, stop_listening
 from app.http.middleware import Lifecycle
 from app.http.protocol import protocol_class
 from app.main import create_app
 
 # Not __name__: run as `python -m app.server` that is "__main__", outside the "app" loggers.
 log = logging.getLogger("app.server")
-
-
-def stop_listening(listeners: list[socket.socket]) -> list[socket.socket]:
-    """Take every connection the kernel has accepted on `listeners`, then stop listening.
-
-    Closing a listening socket resets the connections still in its accept queue: their clients
-    have connected, and may have sent a request, which would end in a reset. So the queue is
-    emptied first, and `shutdown(SHUT_RD)` (Linux) stops the socket listening in the same step
-    (whatever other descriptors of it the event loop holds): from then on a connect is refused.
-    """
-    accepted: list[socket.socket] = []
-    for listener in listeners:
-        listener.setblocking(False)
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:  # BlockingIOError: the queue is empty
-                break
-            conn.setblocking(False)
-            accepted.append(conn)
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RD)
-    return accepted
 
 
 class DrainingServer(uvicorn.Server):
@@ -111,6 +89,9 @@ class DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.lifecycle.begin_drain()
+        if refuse_new_handshakes(self.listeners):
+            # The handshakes under way complete meanwhile, accepted and served as usual.
+            await asyncio.sleep(HANDSHAKE_GRACE_S)
         accepted = stop_listening(self.listeners)
         for server in getattr(self, "servers", []):
             server.close()  # no await since the queue was emptied: nothing more is accepted

@@ -52,6 +52,8 @@ class Tally:
 
     statuses: Counter[int] = field(default_factory=Counter)
     lost: Counter[str] = field(default_factory=Counter)  # sent, no answer: the error's name
+    # Each lost request: when it was sent and when it failed, in s after the SIGTERM, and why.
+    lost_at: list[str] = field(default_factory=list)
     refused: int = 0  # connect refused: nothing was sent
     first_refusal: float | None = None
     answered_after_sigterm: int = 0
@@ -71,6 +73,7 @@ class Tally:
             f"answered {dict(self.statuses)}, lost {dict(self.lost)}, refused at connect "
             f"{self.refused}, answered after SIGTERM {self.answered_after_sigterm} (200s to "
             f"requests sent after it {self.ok_after_sigterm})"
+            + (f"; lost: {self.lost_at[:5]}" if self.lost_at else "")
         )
 
 
@@ -101,6 +104,11 @@ async def upload_until(
                 continue
             except httpx.HTTPError as exc:
                 tally.lost[type(exc).__name__] += 1
+                since = tally.sigterm_at or sent_at
+                tally.lost_at.append(
+                    f"sent {sent_at - since:+.3f} s, failed {time.monotonic() - since:+.3f} s: "
+                    f"{exc.__cause__ or exc!r}"
+                )
                 continue
             tally.statuses[response.status_code] += 1
             if tally.sigterm_at is not None:
