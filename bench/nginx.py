@@ -1,6 +1,6 @@
 """Debian's nginx on loopback, configured by deploy/nginx/nginx.conf, in front of servers
-(`bench.hostile --through-nginx`). The rewrites are the integration tests' (tests/integration/
-stack.py): each must match exactly once, so a changed deployment file fails here loudly."""
+(`bench.hostile --through-nginx`, and tests/integration/stack.py renders its file here too):
+each rewrite must match exactly once, so a changed deployment file fails loudly."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from bench.harness import ROOT, free_port, wait_ready
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 
 
-def render(listen_port: int, upstreams: list[str], work: Path) -> str:
-    """The deployed file with loopback upstreams, listen port and paths under `work`."""
+def render(listen_port: int, upstreams: list[str], work: Path, max_conns: int | None = None) -> str:
+    """The deployed file with loopback upstreams, listen port and paths under `work` (and,
+    when given, another `max_conns` per upstream server)."""
     text = NGINX_CONF.read_text()
 
     def once(pattern: str, replace: str | Callable[[re.Match[str]], str]) -> None:
@@ -30,6 +31,10 @@ def render(listen_port: int, upstreams: list[str], work: Path) -> str:
     def servers(match: re.Match[str]) -> str:
         # `resolve` needs nginx >= 1.27.3 and a DNS name; loopback addresses need neither.
         params = match.group(2).replace(" resolve", "")
+        if max_conns is not None:
+            params, n = re.subn(r"max_conns=\d+", f"max_conns={max_conns}", params)
+            if n != 1:
+                raise ValueError(f"no max_conns on the upstream server in {NGINX_CONF}")
         return "\n".join(f"{match.group(1)}server {u}{params};" for u in upstreams)
 
     once(r"^(\s*)server vit-serve:8000( [^;]*);", servers)
@@ -40,7 +45,8 @@ def render(listen_port: int, upstreams: list[str], work: Path) -> str:
     temp = "".join(
         f"    {kind}_temp_path {work}/{kind}_temp;\n" for kind in ("client_body", "proxy")
     )
-    # Workers of a root master run as `nobody`, who may not enter private directories.
+    # Workers of a root master run as `nobody`, who may not enter private directories (such as
+    # pytest's).
     user = "user root;\n" if os.geteuid() == 0 else ""
     once(r"^http \{\n", f"{user}http {{\n{temp}")
     return text

@@ -12,7 +12,6 @@ import functools
 import io
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -28,10 +27,10 @@ import pytest
 import yaml
 from PIL import Image
 
+import bench.nginx
 from tests.support import ROOT, free_port
 
 DEPLOY = ROOT / "deploy"
-NGINX_CONF = DEPLOY / "nginx" / "nginx.conf"
 PROMETHEUS_CONF = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "vit-serve.json"
 SERVICE_JOB = "vit-serve"
@@ -169,44 +168,6 @@ def replicas(model_repo: Path, work: Path, count: int, **settings: str) -> Itera
         _stop_all([r.process for r in started])
 
 
-def render_nginx_conf(
-    listen_port: int, upstreams: list[str], work: Path, max_conns: int | None = None
-) -> str:
-    """deploy/nginx/nginx.conf onto loopback: its listen port, upstream servers and file paths
-    (and, when given, another `max_conns` per replica).
-
-    Every rewrite must match exactly once, so a change to the deployed file that the test no
-    longer understands fails here instead of testing something else.
-    """
-    text = NGINX_CONF.read_text()
-
-    def once(pattern: str, replace: str | Callable[[re.Match[str]], str]) -> None:
-        nonlocal text
-        text, n = re.subn(pattern, replace, text, flags=re.MULTILINE)
-        assert n == 1, f"{pattern!r} matched {n} times in {NGINX_CONF}"
-
-    def servers(match: re.Match[str]) -> str:
-        # `resolve` needs nginx >= 1.27.3 and a DNS name; loopback addresses need neither.
-        params = match.group(2).replace(" resolve", "")
-        if max_conns is not None:
-            params, n = re.subn(r"max_conns=\d+", f"max_conns={max_conns}", params)
-            assert n == 1, f"no max_conns on the upstream server in {NGINX_CONF}"
-        return "\n".join(f"{match.group(1)}server {u}{params};" for u in upstreams)
-
-    once(r"^(\s*)server vit-serve:8000( [^;]*);", servers)
-    once(r"^(\s*)listen 8080;", rf"\1listen 127.0.0.1:{listen_port};")
-    once(r"^error_log \S+ (\w+);", rf"error_log {work}/error.log \1;")
-    once(r"^pid \S+;", f"pid {work}/nginx.pid;")
-    once(r"^(\s*)access_log \S+ vit_json;", rf"\1access_log {work}/access.log vit_json;")
-    temp = "".join(
-        f"    {kind}_temp_path {work}/{kind}_temp;\n" for kind in ("client_body", "proxy")
-    )
-    # Workers of a root master run as `nobody`, who cannot enter pytest's private directories.
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    once(r"^http \{\n", f"{user}http {{\n{temp}")
-    return text
-
-
 @dataclass
 class Nginx:
     port: int
@@ -228,7 +189,7 @@ def nginx(upstreams: list[str], work: Path, max_conns: int | None = None) -> Ite
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = work / "nginx.conf"
-    conf.write_text(render_nginx_conf(port, upstreams, work, max_conns))
+    conf.write_text(bench.nginx.render(port, upstreams, work, max_conns))
     check = subprocess.run(
         [binary, "-t", "-p", str(work), "-c", str(conf)], capture_output=True, text=True
     )
