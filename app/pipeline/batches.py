@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -93,3 +94,17 @@ def run_rollout(
     _check_rows("logits", logits.shape[0], len(patches))
     _check_rows("rollout", maps.shape[0], len(patches))
     return [Output(row, rollout) for row, rollout in zip(logits, maps, strict=True)]
+
+
+T = TypeVar("T")
+
+
+def first_error_or_all(outcomes: Sequence[T | BaseException]) -> list[T]:
+    """`asyncio.gather(..., return_exceptions=True)`'s outcomes, or the first error among them
+    in their order (not in time), so an answer does not depend on which thread finished first."""
+    results: list[T] = []
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results.append(outcome)
+    return results

@@ -42,6 +42,7 @@ from app.pipeline.batches import (
     Output,
     OverloadedError,
     ShuttingDownError,
+    first_error_or_all,
     not_served,
     run_plain,
     run_rollout,
@@ -234,13 +235,7 @@ class Batcher:
         futures = self.submit(requests, deadline)
         # return_exceptions: every future's outcome is retrieved, none logged as "never
         # retrieved"; cancelling this call cancels the futures, which frees their queue slots.
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        results: list[Output] = []
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-            results.append(outcome)
-        return results
+        return first_error_or_all(await asyncio.gather(*futures, return_exceptions=True))
 
     async def stop(self, drain_timeout_s: float = 0.0) -> None:
         """Refuse new work, finish queued work for up to `drain_timeout_s`, answer the rest."""

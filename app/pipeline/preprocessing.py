@@ -20,7 +20,7 @@ from app.core.errors import UnsupportedMediaTypeError
 from app.core.priority import lower_this_thread
 from app.core.settings import Settings
 from app.models.spec import ModelSpec
-from app.pipeline.batches import DeadlineExceededError, OverloadedError
+from app.pipeline.batches import DeadlineExceededError, OverloadedError, first_error_or_all
 from app.pipeline.imaging import (
     FORMATS_HINT,
     ImageDecodeError,
@@ -136,12 +136,7 @@ class Preprocessor:
             raise DeadlineExceededError(late) from None
         finally:
             self._backlog -= len(jobs)
-        results: list[T] = []
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-            results.append(outcome)
-        return results
+        return first_error_or_all(outcomes)
 
     def _prepare(self, upload: Upload, spec: ModelSpec, resize: ResizePolicy) -> PreparedImage:
         """Runs in the preprocessing pool."""
