@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -581,14 +581,37 @@ async def closed_loop(
             if conn is not None:
                 await conn.close()
 
-    pid = target.pid if cpu else None
+    return await measured_load(
+        target.name,
+        concurrency,
+        [worker() for _ in range(concurrency)],
+        target.pid if cpu else None,
+        latencies,
+        statuses,
+        lambda: (sent, errors, lost),
+    )
+
+
+async def measured_load(
+    name: str,
+    concurrency: int,
+    workers: Sequence[Awaitable[None]],
+    pid: int | None,
+    latencies: list[float],
+    statuses: Counter[str],
+    counts: Callable[[], tuple[int, int, int]],
+) -> LoadResult:
+    """Run `workers` (which fill `latencies` in seconds and `statuses`), timed, with the client's
+    CPU and, with a `pid`, the server's and its event loop's; `counts()`: (sent, errors, lost)
+    once they are done."""
     cpu0 = (cpu_seconds(pid), cpu_seconds(pid, pid)) if pid is not None else (0.0, 0.0)
     client0 = time.process_time()
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*workers)
     elapsed = time.perf_counter() - t0
     client = time.process_time() - client0
     cpu1 = (cpu_seconds(pid), cpu_seconds(pid, pid)) if pid is not None else (0.0, 0.0)
+    sent, errors, lost = counts()
     answered = len(latencies) - errors
 
     def per_image(seconds: float) -> float | None:
@@ -596,7 +619,7 @@ async def closed_loop(
 
     lat = np.array(latencies or [float("nan")]) * 1e3
     return LoadResult(
-        server=target.name,
+        server=name,
         concurrency=concurrency,
         requests=sent,
         ok=answered,

@@ -49,10 +49,10 @@ from bench.harness import (
     RESULTS,
     Connection,
     LoadResult,
-    cpu_seconds,
     find_model,
     free_port,
     load_images,
+    measured_load,
     median_of,
     service,
     write_results,
@@ -202,36 +202,14 @@ async def closed_loop(
             if conn is not None:
                 await conn.close()
 
-    cpu0 = (cpu_seconds(pid), cpu_seconds(pid, pid))
-    client0 = time.process_time()
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - t0
-    client = time.process_time() - client0
-    cpu1 = (cpu_seconds(pid), cpu_seconds(pid, pid))
-    answered = len(latencies) - errors
-
-    def per_image(seconds: float) -> float | None:
-        return round(seconds * 1e3 / answered, 3) if answered else None
-
-    lat = np.array(latencies or [math.nan]) * 1e3
-    return LoadResult(
-        server=name,
-        concurrency=concurrency,
-        requests=sent,
-        ok=answered,
-        errors=errors,
-        lost=0,
-        seconds=round(elapsed, 2),
-        img_per_s=answered / elapsed,
-        latency_ms_p50=float(np.percentile(lat, 50)),
-        latency_ms_p95=float(np.percentile(lat, 95)),
-        latency_ms_p99=float(np.percentile(lat, 99)),
-        statuses=dict(sorted(statuses.items())),
-        server_cpu_ms_per_image=per_image(cpu1[0] - cpu0[0]),
-        event_loop_cpu_ms_per_image=per_image(cpu1[1] - cpu0[1]),
-        client_cpu_ms_per_image=per_image(client),
-        latencies_ms=[s * 1e3 for s in latencies],
+    return await measured_load(
+        name,
+        concurrency,
+        [worker() for _ in range(concurrency)],
+        pid,
+        latencies,
+        statuses,
+        lambda: (sent, errors, 0),
     )
 
 
