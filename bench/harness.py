@@ -33,6 +33,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from app.core import threads
 from app.models.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec
 from bench.machine import machine_info
 
@@ -162,6 +163,56 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     where = f"/proc/{pid}" if thread is None else f"/proc/{pid}/task/{thread}"
     fields = Path(f"{where}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# A server's threads by what they do, from their OS-level names (app/core/threads.py): the
+# event loop is the main thread; inference is the lanes' threads and ONNX Runtime's own (named
+# after the thread that made the sessions); "other" is the rest (the runtime's and numpy's
+# idle helpers, asyncio.to_thread, and threads that ended while measured).
+THREAD_GROUPS = ("event_loop", "preprocessing", "inference", "other")
+
+
+def thread_group(tid: int, comm: str, main: int) -> str:
+    if tid == main:
+        return "event_loop"
+    if comm.startswith(threads.PREPROCESS):
+        return "preprocessing"
+    if comm.startswith((threads.INFERENCE, threads.SESSIONS)):
+        return "inference"
+    return "other"
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of a process: its OS-level name and its user + system CPU seconds so far."""
+    found: dict[int, tuple[str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # ended while we look
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        found[int(task.name)] = (comm, (int(fields[11]) + int(fields[12])) / tick)
+    return found
+
+
+def thread_groups(threads_cpu: Mapping[int, tuple[str, float]], main: int) -> dict[str, float]:
+    """CPU seconds by group (THREAD_GROUPS, every one present) of {tid: (name, seconds)}."""
+    groups = dict.fromkeys(THREAD_GROUPS, 0.0)
+    for tid, (comm, seconds) in threads_cpu.items():
+        groups[thread_group(tid, comm, main)] += seconds
+    return groups
+
+
+def thread_cpu_between(
+    before: Mapping[int, tuple[str, float]], after: Mapping[int, tuple[str, float]]
+) -> dict[int, tuple[str, float]]:
+    """What each thread alive at the end spent since `before` (all of it for a new one)."""
+    return {
+        tid: (comm, seconds - (before[tid][1] if tid in before else 0.0))
+        for tid, (comm, seconds) in after.items()
+    }
 
 
 def rss_bytes(pid: int) -> int:
@@ -520,6 +571,10 @@ class LoadResult:
     server_cpu_ms_per_image: float | None = None
     event_loop_cpu_ms_per_image: float | None = None
     client_cpu_ms_per_image: float | None = None
+    # The server's CPU per image by thread group (THREAD_GROUPS, from the threads' OS-level
+    # names; "other" takes what threads that ended meanwhile spent, so the groups add up to
+    # the whole); a server that does not name its threads has most of it under "other".
+    server_cpu_ms_per_image_by_group: dict[str, float] | None = None
     rounds: int = 1  # figures are the median over this many rounds (counts: their sum)
     latencies_ms: list[float] = field(default_factory=list, repr=False, metadata=NOT_WRITTEN)
 
@@ -532,6 +587,11 @@ class LoadResult:
             and self.event_loop_cpu_ms_per_image is not None
             else ""
         )
+        groups = self.server_cpu_ms_per_image_by_group
+        if cpu and groups:
+            cpu = (
+                cpu[:-1] + ", " + ", ".join(f"{g} {groups[g]:.2f}" for g in THREAD_GROUPS[1:]) + ")"
+            )
         return (
             f"{self.server:>7} concurrency {self.concurrency:>2}: {self.img_per_s:8.1f} img/s  "
             f"p50 {self.latency_ms_p50:7.1f}  p95 {self.latency_ms_p95:7.1f}  "
@@ -605,11 +665,13 @@ async def measured_load(
     CPU and, with a `pid`, the server's and its event loop's; `counts()`: (sent, errors, lost)
     once they are done."""
     cpu0 = (cpu_seconds(pid), cpu_seconds(pid, pid)) if pid is not None else (0.0, 0.0)
+    threads0 = thread_cpu(pid) if pid is not None else {}
     client0 = time.process_time()
     t0 = time.perf_counter()
     await asyncio.gather(*workers)
     elapsed = time.perf_counter() - t0
     client = time.process_time() - client0
+    threads1 = thread_cpu(pid) if pid is not None else {}
     cpu1 = (cpu_seconds(pid), cpu_seconds(pid, pid)) if pid is not None else (0.0, 0.0)
     sent, errors, lost = counts()
     answered = len(latencies) - errors
@@ -617,6 +679,12 @@ async def measured_load(
     def per_image(seconds: float) -> float | None:
         return round(seconds * 1e3 / answered, 3) if answered else None
 
+    by_group: dict[str, float] | None = None
+    if pid is not None and answered:
+        groups = thread_groups(thread_cpu_between(threads0, threads1), pid)
+        # Threads that ended in between: in the process's total, not in any thread's.
+        groups["other"] += max(0.0, (cpu1[0] - cpu0[0]) - sum(groups.values()))
+        by_group = {g: round(v * 1e3 / answered, 3) for g, v in groups.items()}
     lat = np.array(latencies or [float("nan")]) * 1e3
     return LoadResult(
         server=name,
@@ -634,8 +702,17 @@ async def measured_load(
         server_cpu_ms_per_image=per_image(cpu1[0] - cpu0[0]) if pid is not None else None,
         event_loop_cpu_ms_per_image=per_image(cpu1[1] - cpu0[1]) if pid is not None else None,
         client_cpu_ms_per_image=per_image(client),
+        server_cpu_ms_per_image_by_group=by_group,
         latencies_ms=[s * 1e3 for s in latencies],
     )
+
+
+def median_groups(rounds: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """Each group's median over the rounds that have groups (None where none has)."""
+    known = [r for r in rounds if r is not None]
+    if not known:
+        return None
+    return {g: statistics.median(r[g] for r in known) for g in THREAD_GROUPS}
 
 
 def median_of(rounds: list[LoadResult]) -> LoadResult:
@@ -666,6 +743,9 @@ def median_of(rounds: list[LoadResult]) -> LoadResult:
         server_cpu_ms_per_image=median([r.server_cpu_ms_per_image for r in rounds]),
         event_loop_cpu_ms_per_image=median([r.event_loop_cpu_ms_per_image for r in rounds]),
         client_cpu_ms_per_image=median([r.client_cpu_ms_per_image for r in rounds]),
+        server_cpu_ms_per_image_by_group=median_groups(
+            [r.server_cpu_ms_per_image_by_group for r in rounds]
+        ),
         rounds=len(rounds),
         latencies_ms=[ms for r in rounds for ms in r.latencies_ms],
     )

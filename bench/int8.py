@@ -3,6 +3,7 @@ img/s, accuracy, and the service serving int8 against the naive server serving f
 
     .venv/bin/python -m bench.int8                      # both models, about 12 minutes
     .venv/bin/python -m bench.int8 --models demo-shapes --no-serve
+    .venv/bin/python -m bench.int8 --serve-only --serve-seconds 20 --serve-rounds 2  # ~5 min
 
 For each model (ViT-Ti/16 at 224 with random weights, head N(0, 0.1); the trained demo model
 from export/demo/checkpoint.pt) it writes, under build/int8/:
@@ -140,6 +141,10 @@ class CpuBudget:
     raw_cpu_ms_per_image: float  # its graph alone at that batch
     preprocess_ms_per_image: float
     ratio: float | None  # server / (raw + preprocess): 1.05 is the target
+    # The server's CPU per image by thread group (bench.harness.THREAD_GROUPS): its inference
+    # threads against `raw_cpu_ms_per_image`, its preprocessing threads against
+    # `preprocess_ms_per_image`, the event loop and the rest against nothing.
+    by_group: dict[str, float] | None = None
 
 
 @dataclass
@@ -417,6 +422,7 @@ def cpu_budgets(
                 round(raw_ms, 3),
                 round(preprocess, 3),
                 round(server / total, 3) if server is not None else None,
+                r.server_cpu_ms_per_image_by_group,
             )
         )
     return out
@@ -478,17 +484,30 @@ def serving_table(reports: list[ModelReport]) -> str:
 
 
 def cpu_table(reports: list[ModelReport]) -> str:
+    """Each server's CPU per image against the work's own, and by thread group beside the raw
+    figure it compares with: inference threads / the raw graph at the mean batch,
+    preprocessing threads / one thread's decode+resize+patchify, then the event loop and the
+    rest, which the raw figures do not have."""
     lines = [
-        "| model | server | c | server CPU ms/img | raw graph at mean batch "
-        "| decode+resize+patchify | ratio (target <= 1.05) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | server | c | server CPU ms/img | raw graph at mean batch | inference threads "
+        "| decode+resize+patchify | preprocessing threads | event loop | other "
+        "| ratio (target <= 1.05) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
     for rep in reports:
         for c in rep.cpu:
+            g = c.by_group or {}
             lines.append(
-                f"| {rep.model} | {c.server} | {c.concurrency} | {c.server_cpu_ms_per_image} | "
-                f"{c.raw_cpu_ms_per_image:.2f} @{c.mean_batch:.1f} | "
-                f"{c.preprocess_ms_per_image:.2f} | {c.ratio} |"
+                f"| {rep.model} | {c.server} | {c.concurrency} | "
+                f"{ms(c.server_cpu_ms_per_image)} | "
+                f"{c.raw_cpu_ms_per_image:.2f} @{c.mean_batch:.1f} | {ms(g.get('inference'))} | "
+                f"{c.preprocess_ms_per_image:.2f} | {ms(g.get('preprocessing'))} | "
+                f"{ms(g.get('event_loop'))} | {ms(g.get('other'))} | "
+                f"{'-' if c.ratio is None else f'{c.ratio:.3f}'} |"
             )
     return "\n".join(lines)
 
@@ -528,6 +547,26 @@ def model_and_calibration(name: str) -> tuple[VisionTransformer, str, NDArray[np
     return model, weights, None
 
 
+def serve_and_budget(
+    rep: ModelReport, spec: ModelSpec, a: argparse.Namespace, env: dict[str, str]
+) -> None:
+    """The serving side by side, then each server's CPU per image against the raw figures."""
+    print(f"{rep.model}: serving", flush=True)
+    rep.serving = asyncio.run(serve(rep.model, a.concurrency, a.serve_seconds, a.serve_rounds, env))
+    bodies = load_images().bodies
+    rep.cpu = cpu_budgets(rep.model, rep.serving, preprocess_ms(spec, bodies), 7.0)
+
+
+def serve_only(name: str, a: argparse.Namespace, env: dict[str, str]) -> ModelReport:
+    """--serve-only: the serving and CPU figures over the repositories an earlier run made."""
+    if not (WORK / "both" / name / SPEC_FILENAME).exists():
+        raise SystemExit(f"no {WORK / 'both' / name}: run bench.int8 without --serve-only first")
+    spec = ModelSpec.load(WORK / "both" / name / SPEC_FILENAME)
+    rep = ModelReport(name, "(--serve-only)", spec.architecture.grid, [], [])
+    serve_and_budget(rep, spec, a, env)
+    return rep
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
@@ -538,6 +577,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--serve-seconds", type=float, default=60.0, help="per server per level")
     p.add_argument("--serve-rounds", type=int, default=4)
     p.add_argument("--no-serve", action="store_true")
+    p.add_argument(
+        "--serve-only",
+        action="store_true",
+        help="skip the methods (accuracy and raw img/s): serving and CPU per image only, over "
+        "build/int8's repositories from an earlier run",
+    )
     p.add_argument(
         "--service-env",
         nargs="*",
@@ -553,6 +598,9 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()
     reports = []
     for name in a.models:
+        if a.serve_only:
+            reports.append(serve_only(name, a, service_env))
+            continue
         model, weights, calibration = model_and_calibration(name)
         print(f"{name}: fp32 and int8 repositories under {WORK}", flush=True)
         spec = export_fp32(name, model)
@@ -575,12 +623,7 @@ def main(argv: list[str] | None = None) -> None:
         raw_forms = raw(graphs, spec, a.batches, a.rounds, a.seconds)
         rep = ModelReport(name, weights, spec.architecture.grid, acc, raw_forms)
         if not a.no_serve:
-            print(f"{name}: serving", flush=True)
-            rep.serving = asyncio.run(
-                serve(name, a.concurrency, a.serve_seconds, a.serve_rounds, service_env)
-            )
-            bodies = load_images().bodies
-            rep.cpu = cpu_budgets(name, rep.serving, preprocess_ms(spec, bodies), 7.0)
+            serve_and_budget(rep, spec, a, service_env)
         rep.targets = targets(rep)
         print(rep.targets, flush=True)
         reports.append(rep)

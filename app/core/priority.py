@@ -7,7 +7,8 @@ should protect, and connections overflow the listen backlog. With the workers ni
 runs the loop whenever it has something to do and gives the workers the rest.
 
 Linux keeps a nice value per thread, and a thread starts with its creator's: ONNX Runtime's
-intra-op threads, made when a session is created, take the priority of the thread creating it.
+intra-op threads, made when a session is created, take the priority of the thread creating it
+(and its name: app/core/threads.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 import threading
 from collections.abc import Callable
 from typing import TypeVar
+
+from app.core.threads import SESSIONS, name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +38,26 @@ def lower_this_thread(increment: int) -> None:
         log.warning("could not lower the priority of a worker thread: %s", exc)
 
 
-def in_lowered_thread(increment: int, make: Callable[[], T]) -> T:
-    """`make()` in a short-lived thread of lowered priority, so threads it starts inherit it."""
-    if increment <= 0:
-        return make()
+def start_worker(name: str, increment: int) -> None:
+    """A worker thread's initializer: its OS-level name, then its lowered priority."""
+    name_this_thread(name)
+    lower_this_thread(increment)
+
+
+def in_lowered_thread(increment: int, make: Callable[[], T], name: str = SESSIONS) -> T:
+    """`make()` in a short-lived thread of lowered priority named `name`, so that threads it
+    starts (ONNX Runtime's) inherit both; run there even at `increment` 0, for the name."""
     result: list[T] = []
     error: list[BaseException] = []
 
     def run() -> None:
-        lower_this_thread(increment)
+        start_worker(name, increment)
         try:
             result.append(make())
         except BaseException as exc:  # handed to the caller's thread below
             error.append(exc)
 
-    thread = threading.Thread(target=run, name="vit-serve-session-maker")
+    thread = threading.Thread(target=run, name=name)
     thread.start()
     thread.join()
     if error:

@@ -32,6 +32,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from app.core.threads import INFERENCE, name_this_thread
 from app.models.repository import VersionKey
 from app.models.runtime import Backend, RolloutBackend
 from app.pipeline.batches import (
@@ -75,6 +76,12 @@ def _answer(item: _Item, result: Output | BaseException) -> None:
         item.future.set_exception(result)
     else:
         item.future.set_result(result)
+
+
+def _start_lane(name: str, then: Callable[[], None] | None) -> None:
+    name_this_thread(name)  # its OS-level name, for top -H and bench's CPU by thread
+    if then is not None:
+        then()
 
 
 class BatchObserver(Protocol):
@@ -124,7 +131,7 @@ class Batcher:
             ThreadPoolExecutor(
                 max_workers=1,
                 thread_name_prefix=f"vit-serve-infer-{i}",
-                initializer=thread_initializer,
+                initializer=functools.partial(_start_lane, f"{INFERENCE}-{i}", thread_initializer),
             )
             for i in range(len(self._lanes))
         ]

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from app.core.errors import UnsupportedMediaTypeError
-from app.core.priority import lower_this_thread
+from app.core.priority import start_worker
 from app.core.settings import Settings
+from app.core.threads import PREPROCESS
 from app.models.spec import ModelSpec
 from app.pipeline.batches import DeadlineExceededError, OverloadedError, first_error_or_all
 from app.pipeline.imaging import (
@@ -57,8 +58,8 @@ class Preprocessor:
         self._pool = ThreadPoolExecutor(
             max_workers=settings.preprocess_threads,
             thread_name_prefix="vit-serve-preprocess",
-            initializer=lower_this_thread,
-            initargs=(settings.worker_nice,),
+            initializer=start_worker,
+            initargs=(PREPROCESS, settings.worker_nice),
         )
         self._backlog = 0  # images handed to the pool and not yet back
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from bench.harness import (
     load_images,
     parse_metrics,
     service,
+    thread_cpu,
+    thread_cpu_between,
+    thread_groups,
     total,
     write_results,
 )
@@ -97,6 +101,44 @@ class Report:
     kept_in_memory: list[float] = field(default_factory=list, metadata=NOT_WRITTEN)
 
 
+def test_cpu_by_thread_group_from_the_threads_names() -> None:
+    threads = {
+        100: ("python", 3.0),  # the main thread: the event loop, whatever its name
+        101: ("vit-preprocess", 2.0),
+        102: ("vit-preprocess", 1.5),
+        103: ("vit-infer-0", 1.0),
+        104: ("vit-infer-1", 0.25),
+        105: ("vit-ort-session", 4.0),  # ONNX Runtime's threads, named after their maker
+        106: ("python", 0.5),
+        107: ("grpc_global_tim", 0.125),
+    }
+    assert thread_groups(threads, main=100) == {
+        "event_loop": 3.0,
+        "preprocessing": 3.5,
+        "inference": 5.25,
+        "other": 0.625,
+    }
+    assert thread_groups({}, main=1) == dict.fromkeys(
+        ("event_loop", "preprocessing", "inference", "other"), 0.0
+    )
+
+
+def test_cpu_between_two_readings_of_the_threads() -> None:
+    before = {1: ("python", 2.0), 2: ("vit-preprocess", 1.0), 3: ("gone", 9.0)}
+    after = {1: ("python", 2.5), 2: ("vit-preprocess", 1.25), 4: ("vit-infer-0", 0.5)}
+    assert thread_cpu_between(before, after) == {
+        1: ("python", 0.5),
+        2: ("vit-preprocess", 0.25),
+        4: ("vit-infer-0", 0.5),  # new since: all of it
+    }
+
+
+def test_this_process_threads_with_their_names() -> None:
+    found = thread_cpu(os.getpid())
+    assert os.getpid() in found
+    assert all(isinstance(name, str) and seconds >= 0 for name, seconds in found.values())
+
+
 def test_results_writer_dataclasses_to_json_under_the_machine_header(tmp_path: Path) -> None:
     report = Report(
         "x",
@@ -134,6 +176,17 @@ def test_the_service_under_the_closed_loop_client() -> None:
         assert len(result.latencies_ms) == 6
         assert result.img_per_s > 0 and not math.isnan(result.latency_ms_p99)
         assert result.server_cpu_ms_per_image is not None
+        assert result.server_cpu_ms_per_image_by_group is not None
+        assert list(result.server_cpu_ms_per_image_by_group) == [
+            "event_loop",
+            "preprocessing",
+            "inference",
+            "other",
+        ]
+        # The service names its threads; ONNX Runtime's inherit the session maker's name.
+        assert target.pid is not None
+        names = {name for name, _ in thread_cpu(target.pid).values()}
+        assert {"vit-preprocess", "vit-infer-0", "vit-ort-session"} <= names
         batches = await batch_histogram(target.port)
         assert batches.count >= 1 and batches.sum >= 6  # and the warm-up's
 
