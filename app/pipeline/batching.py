@@ -240,6 +240,8 @@ class Batcher:
     ) -> list[Output]:
         """Submit and wait for every image's output; raises the first image's error."""
         futures = self.submit(requests, deadline)
+        if len(futures) == 1:  # the usual request: awaited as it is, no gathering future
+            return [await futures[0]]  # cancelling this call cancels it, freeing its slot
         # return_exceptions: every future's outcome is retrieved, none logged as "never
         # retrieved"; cancelling this call cancels the futures, which frees their queue slots.
         return first_error_or_all(await asyncio.gather(*futures, return_exceptions=True))

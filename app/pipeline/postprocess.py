@@ -1,4 +1,8 @@
-"""Logits -> probabilities -> the top k labelled predictions."""
+"""Logits -> probabilities -> the top k labelled predictions.
+
+`softmax` runs per batch in the inference thread (app/pipeline/batches.py), vectorised, each row
+the same as on its own; `top_k` runs per image on the event loop, so it sorts only what it must.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,13 @@ class Prediction:
     score: float
 
 
+# Above this many classes `top_k` partitions before sorting (below, a full sort is cheaper).
+_PARTITION_ABOVE = 64
+
+
 def softmax(logits: NDArray[np.floating]) -> NDArray[np.float64]:
-    """Softmax over the last axis, in float64 and shifted by the max so exp never overflows."""
+    """Softmax over the last axis, in float64 and shifted by the max so exp never overflows.
+    Each row of a batch is bit for bit the softmax of that row alone (a test holds it)."""
     x = logits.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     e = np.exp(x)
@@ -25,12 +34,33 @@ def softmax(logits: NDArray[np.floating]) -> NDArray[np.float64]:
 
 def top_k(probs: NDArray[np.float64], k: int, labels: list[str]) -> list[Prediction]:
     """The k most probable classes, by score descending; ties keep the lower index first."""
-    # A stable sort of the negated scores: exact ties keep the lower index first. (Sorting all
-    # classes costs well under a millisecond even for 21k classes.)
-    order = np.argsort(-probs, kind="stable")[: max(0, k)]
-    return [Prediction(label=labels[i], index=int(i), score=float(probs[i])) for i in order]
+    # A stable sort of the negated scores: exact ties keep the lower index first.
+    n = probs.shape[-1]
+    k = max(0, min(k, n))
+    order: NDArray[np.intp] | None = None
+    if 0 < k < n and n > _PARTITION_ABOVE:
+        # Only what is at or above the k-th largest score is sorted: every score above it and
+        # each tie of it, in index order, so the stable sort orders them as a full one would.
+        kth = np.partition(probs, n - k)[n - k]
+        candidates = np.flatnonzero(probs >= kth)
+        if len(candidates) >= k:  # fewer: NaNs (sorted last by a full sort), so sort them all
+            order = candidates[np.argsort(-probs[candidates], kind="stable")[:k]]
+    if order is None:
+        order = np.argsort(-probs, kind="stable")[:k]
+    indices: list[int] = order.tolist()
+    scores: list[float] = probs[order].tolist()
+    return [
+        Prediction(label=labels[i], index=i, score=score)
+        for i, score in zip(indices, scores, strict=True)
+    ]
 
 
-def predictions(logits: NDArray[np.floating], k: int, labels: list[str]) -> list[Prediction]:
-    """One image's logits (num_classes,) -> its top-k predictions."""
-    return top_k(softmax(logits), k, labels)
+def predictions(
+    logits: NDArray[np.floating],
+    k: int,
+    labels: list[str],
+    probs: NDArray[np.float64] | None = None,
+) -> list[Prediction]:
+    """One image's logits (num_classes,) -> its top-k predictions; `probs`: their softmax, when
+    the inference thread made it already."""
+    return top_k(softmax(logits) if probs is None else probs, k, labels)

@@ -129,11 +129,18 @@ class Preprocessor:
         loop = asyncio.get_running_loop()
         jobs = [loop.run_in_executor(self._pool, call) for call in calls]
         self._backlog += len(jobs)
+        # A timeout on the awaiting task rather than wait_for (a task of its own, a waiter, a
+        # timer), and one image awaited as it is, without gather's future: either way the jobs
+        # are cancelled at the deadline, and this runs once per request on the event loop.
+        timeout = asyncio.timeout_at(deadline)
         try:
-            outcomes = await asyncio.wait_for(
-                asyncio.gather(*jobs, return_exceptions=True), timeout=deadline - loop.time()
-            )
+            async with timeout:
+                if len(jobs) == 1:
+                    return [await jobs[0]]
+                outcomes = await asyncio.gather(*jobs, return_exceptions=True)
         except TimeoutError:
+            if not timeout.expired():
+                raise  # a call's own, not the deadline
             raise DeadlineExceededError(late) from None
         finally:
             self._backlog -= len(jobs)

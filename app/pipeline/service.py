@@ -328,7 +328,7 @@ class ClassifyService:
             ]
         results = [
             ImageResult(
-                predictions=predictions(output.logits, k, target.spec.labels),
+                predictions=predictions(output.logits, k, target.spec.labels, output.probs),
                 image_size=p.image_size,
                 grid=p.grid,
                 resize=resize,
