@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.core import collector
 from app.core.logs import configure_logging
 from app.core.settings import Settings
 from app.http.admin import router as admin_router
@@ -48,6 +49,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        collector.tune_once()  # before the models: their sessions stay collectable
         # Loading hashes graphs and builds sessions: keep the event loop free meanwhile. A
         # repository that cannot be served raises here, and the server does not start.
         models = await asyncio.to_thread(
