@@ -11,8 +11,9 @@ On SIGTERM (what `docker stop` and Kubernetes send):
    under way and the connections the kernel has already accepted are taken, so that every
    client that got a connection gets an answer, and from then on a connect is refused (never
    reset after its request was sent). uvicorn's shutdown follows: in-flight
-   requests finish, a connection accepted but still silent gets a moment to send its request
-   (app/http/protocol.py), idle kept-alive ones close, all within `drain_timeout_s`; then the
+   requests finish; kept-alive and new connections keep their own timeouts and what arrives on
+   them is answered, then closed (app/http/protocol.py: closing them at once would reset a
+   request a client sent as the server closed); all within `drain_timeout_s`; then the
    lifespan's shutdown (the batcher finishes what is queued within `drain_timeout_s` and answers
    the rest 503).
 A second SIGTERM skips what is left of the delay; with it, as with a delay of 0, the drain

@@ -83,12 +83,18 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         default=30.0, gt=0, description="a request may lower it: X-Request-Timeout-Ms, timeout_ms"
     )
-    drain_timeout_s: float = Field(default=10.0, ge=0, description="shutdown: finish queued work")
+    drain_timeout_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="shutdown, once the listener has closed: at most this long for requests "
+        "under way and for open connections to finish, then as long again for queued work",
+    )
     shutdown_delay_s: float = Field(
         default=5.0,
         ge=0,
-        description="on SIGTERM, readiness off and new requests 503 for this long before the "
-        "listener closes, so load balancers stop sending first (python -m app.server)",
+        description="on SIGTERM, readiness off for this long before the listener closes, "
+        "serving as usual with every answer closing its connection, so load balancers stop "
+        "sending first (python -m app.server)",
     )
 
     # Threads and execution providers.

@@ -17,9 +17,13 @@ What it adds to uvicorn's `HttpToolsProtocol`:
   data makes the kernel send a reset, and a client that gets one loses the answer it was sent.
 - Open connections are capped (see `ConnectionRegistry`): the oldest idle one makes room for a
   new one; with none idle, the new one is answered 503 and closed.
-- On shutdown (`shutdown()`, called for each connection when the listener has closed) a
-  connection that was accepted but has not sent its request yet gets a moment to send it and
-  is answered, rather than closed under a request already on its way.
+- On shutdown (`shutdown()`, called for each connection when the listener has closed) no
+  connection is cut short: a request under way is answered, then the connection closes; one
+  that is kept alive, or accepted and not yet used, keeps its own timers (the keep-alive and
+  head timeouts) and a request that arrives on it is answered with `Connection: close`.
+  Closing those at once, as uvicorn does, races their clients: a client reusing a kept-alive
+  connection a moment after the server closed it sees its request reset. The drain timeout
+  (uvicorn's `timeout_graceful_shutdown`) bounds how long they are waited for.
 """
 
 from __future__ import annotations
@@ -47,9 +51,6 @@ from app.http.connections import (
 
 log = logging.getLogger("app.http.connections")
 
-# On shutdown, a connection accepted but silent (or part-way through its request's head) gets
-# this long, at most its own head deadline, to deliver its request.
-SHUTDOWN_HEAD_GRACE_S = 2.0
 # A lingering close ends when the client sends nothing for this long.
 LINGER_IDLE_S = 2.0
 # After a 408 for a head that did not arrive in time, the client gets only this long to stop.
@@ -156,6 +157,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._linger_until = 0.0
         self._last_read = 0.0
         self.lingering = False
+        self.draining = False  # the listener has closed: every answer closes its connection
 
     # --- opening and closing --------------------------------------------------------------------
 
@@ -238,19 +240,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
 
     def shutdown(self) -> None:
-        """The listener has closed: finish what is under way, and give a connection that holds
-        no request a moment to send one (uvicorn closed those at once, under requests already
-        on their way: a client that connected a moment ago, or that has just had an answer on
-        a kept-alive connection and is sending the next). What arrives is answered with
-        `Connection: close` (the app adds it while the server drains); silence is closed."""
-        if self.lingering:
-            return
+        """The listener has closed: a request under way is answered, then the connection
+        closes. Any other connection keeps its own timers (see the module's docstring)."""
+        self.draining = True
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False  # answered, then closed
-            return
-        timer = self._head_timer
-        remaining = timer.when() - self.loop.time() if timer else SHUTDOWN_HEAD_GRACE_S
-        self._arm_head_timer(max(0.0, min(remaining, SHUTDOWN_HEAD_GRACE_S)))
 
     # --- request heads ------------------------------------------------------------------------
 
@@ -328,6 +322,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         super().on_headers_complete()
+        if self.draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # a request after the listener closed: answered, closed
 
     def on_message_complete(self) -> None:
         self._message_open = False

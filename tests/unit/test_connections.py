@@ -229,16 +229,34 @@ async def test_with_none_idle_a_connection_over_the_cap_is_answered_503() -> Non
     assert server.registry.refused == 1
 
 
-async def test_at_shutdown_a_silent_connection_gets_a_moment_to_send(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(protocol_module, "SHUTDOWN_HEAD_GRACE_S", 0.1)
-    server = Server()
-    late, late_t = server.connect()
-    silent, silent_t = server.connect()
-    late.shutdown()
-    silent.shutdown()
-    late.data_received(GET)  # its request was on its way as the listener closed
-    await settle(0.2)
-    assert late_t.written.startswith(b"HTTP/1.1 200 OK")
+async def test_at_shutdown_no_connection_is_cut_short() -> None:
+    """The listener has closed: kept-alive and new connections keep their own timers, so a
+    request already on its way on one is answered (then closed), never reset."""
+    server = Server(header_timeout_s=2.5)  # keep-alive: uvicorn's 5 s
+    kept, kept_t = server.connect()
+    kept.data_received(GET)
+    await settle()
+    assert kept_t.written.startswith(b"HTTP/1.1 200 OK") and not kept_t.closed
+    kept_t.written.clear()
+    late, late_t = server.connect()  # accepted; its request not in yet
+    silent, silent_t = server.connect()  # accepted; never sends one
+    busy, busy_t = server.connect()
+    busy.data_received(b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\n\r\nab")
+    for protocol in (kept, late, silent, busy):
+        protocol.shutdown()
+    await settle(2.2)  # longer than the 2 s that shutdown once gave them
+    assert not (kept_t.closed or late_t.closed or silent_t.closed or busy_t.closed)
+    # The client reuses its kept-alive connection; another sends its first request; the one
+    # under way ends its body: each answered once, with Connection: close, then closed.
+    kept.data_received(GET)
+    late.data_received(GET)
+    busy.data_received(b"cd")
+    await settle()
+    for transport in (kept_t, late_t, busy_t):
+        head = bytes(transport.written).partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 200 OK") and b"connection: close" in head, head
+        assert transport.written.count(b"HTTP/1.1") == 1 and transport.closed
+    # Silence still ends at the connection's own head timeout, not sooner.
+    assert not silent_t.closed
+    await settle(0.4)
     assert silent_t.closed and not silent_t.written
