@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -84,6 +84,7 @@ class Metrics:
         # Prometheus reads resets from the counters themselves. (A process-wide switch.)
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[object, ...], Any] = {}  # see `_labelled`
         r = self.registry
         ns = NAMESPACE
         ProcessCollector(registry=r)
@@ -225,13 +226,24 @@ class Metrics:
             ).set(1)
         self.models_not_ready.set(len(models.repository.unavailable))
 
+    def _labelled(self, metric: Histogram | Counter, *values: str) -> Any:
+        """`metric.labels(*values)`, kept: prometheus_client checks and locks on every call, and
+        these run on the event loop for every request and batch. The label values are bounded
+        (routes, statuses, served models), and these metrics never drop a child."""
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def batch_done(self, key: BatchKey, queue_waits_s: Sequence[float], run_s: float) -> None:
         """The batcher ran one batch of `key` (the batcher's observer protocol)."""
+        queue_wait = self._labelled(self.queue_wait, key.model)
         for wait in queue_waits_s:
-            self.queue_wait.labels(key.model).observe(wait)
-        self.inference.labels(key.model, key.graph).observe(run_s)
-        self.batch_size.labels(key.model).observe(len(queue_waits_s))
-        self.batch_tokens.labels(key.model).observe(len(queue_waits_s) * key.tokens)
+            queue_wait.observe(wait)
+        self._labelled(self.inference, key.model, key.graph).observe(run_s)
+        self._labelled(self.batch_size, key.model).observe(len(queue_waits_s))
+        self._labelled(self.batch_tokens, key.model).observe(len(queue_waits_s) * key.tokens)
 
     def request_done(
         self,
@@ -245,16 +257,17 @@ class Metrics:
         with its `protocol`)."""
         code = str(status)
         protocol = protocol or protocol_of(route)
-        self.request_duration.labels(route, code, record.model, protocol).observe(seconds)
-        self.requests.labels(route, code, record.model, protocol).inc()
+        model = record.model
+        self._labelled(self.request_duration, route, code, model, protocol).observe(seconds)
+        self._labelled(self.requests, route, code, model, protocol).inc()
         if record.preprocess_s is not None:
-            self.preprocess.labels(record.model).observe(record.preprocess_s)
+            self._labelled(self.preprocess, model).observe(record.preprocess_s)
         if status < 400:
             if record.images:
-                self.images.labels(record.model, protocol).inc(record.images)
+                self._labelled(self.images, model, protocol).inc(record.images)
         else:
             reason = record.error_reason or f"http_{status}"
-            self.errors.labels(route, code, reason, protocol).inc()
+            self._labelled(self.errors, route, code, reason, protocol).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

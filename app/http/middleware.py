@@ -173,27 +173,29 @@ class RequestMiddleware:
             if not quiet:
                 self.metrics.in_flight.dec()
                 self.metrics.request_done(route, status, seconds, record)
-            client = scope.get("client")
-            access_log.log(
-                logging.DEBUG if quiet and status < 500 else logging.INFO,
-                "%s %s %d",
-                scope["method"],
-                path,
-                status,
-                extra={
-                    "method": scope["method"],
-                    "path": path,
-                    "query": scope.get("query_string", b"").decode("latin-1")[:200],
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(seconds * 1e3, 3),
-                    "bytes_sent": sent_bytes,
-                    "model": record.model or None,
-                    "images": record.images or None,
-                    "error_reason": record.error_reason if status >= 400 else None,
-                    "client": f"{client[0]}:{client[1]}" if client else None,
-                },
-            )
+            level = logging.DEBUG if quiet and status < 500 else logging.INFO
+            if access_log.isEnabledFor(level):  # its fields are not built for nothing
+                client = scope.get("client")
+                access_log.log(
+                    level,
+                    "%s %s %d",
+                    scope["method"],
+                    path,
+                    status,
+                    extra={
+                        "method": scope["method"],
+                        "path": path,
+                        "query": scope.get("query_string", b"").decode("latin-1")[:200],
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(seconds * 1e3, 3),
+                        "bytes_sent": sent_bytes,
+                        "model": record.model or None,
+                        "images": record.images or None,
+                        "error_reason": record.error_reason if status >= 400 else None,
+                        "client": f"{client[0]}:{client[1]}" if client else None,
+                    },
+                )
             request_id_var.reset(token)
 
 
