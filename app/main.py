@@ -14,11 +14,12 @@ from app.core.logs import configure_logging
 from app.core.settings import Settings
 from app.http.admin import router as admin_router
 from app.http.cors import install_cors
+from app.http.direct import DirectRoute
 from app.http.errors import install_error_handlers
 from app.http.metrics import Metrics
 from app.http.middleware import Lifecycle, RequestMiddleware, install_metrics
 from app.http.page import install_page
-from app.http.routes import router
+from app.http.routes import classify_route, router
 from app.http.v2.grpc_server import GrpcFrontDoor
 from app.http.v2.rest import router as v2_router
 from app.models.sessions import BackendFactory, RolloutBackendFactory
@@ -96,7 +97,10 @@ def create_app(
     app.state.settings = settings  # the access checks read it (app/http/auth.py)
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
-    app.add_middleware(RequestMiddleware, owner=app, metrics=metrics, lifecycle=lifecycle)
+    direct = DirectRoute(app, classify_route(), "POST")
+    app.add_middleware(
+        RequestMiddleware, owner=app, metrics=metrics, lifecycle=lifecycle, direct=direct
+    )
     install_cors(app, settings.cors_allow_origins)  # after: the outermost middleware
     install_metrics(app, metrics)  # last: it wraps the exception handlers installed above
     return app

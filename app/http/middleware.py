@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.logs import request_id_var
 from app.core.records import RequestRecord, current_request, request_scope
+from app.http.direct import DirectRoute
 from app.http.errors import error_response
 from app.http.metrics import QUIET_PATHS, UNMATCHED_ROUTE, Metrics, error_reason
 from app.pipeline.service import BUSY_MESSAGE
@@ -98,12 +99,20 @@ async def _discard_body(receive: Receive, max_bytes: int, timeout_s: float) -> b
 
 class RequestMiddleware:
     def __init__(
-        self, app: ASGIApp, *, owner: FastAPI, metrics: Metrics, lifecycle: Lifecycle
+        self,
+        app: ASGIApp,
+        *,
+        owner: FastAPI,
+        metrics: Metrics,
+        lifecycle: Lifecycle,
+        direct: DirectRoute | None = None,
     ) -> None:
+        """`direct`: a route served past the router (app/http/direct.py)."""
         self.app = app
         self.owner = owner
         self.metrics = metrics
         self.lifecycle = lifecycle
+        self.direct = direct
 
     def _known_route(self, path: str) -> str:
         # A refused request never reaches the router, so its route is looked up: the app has
@@ -160,6 +169,8 @@ class RequestMiddleware:
                     if not drained:
                         response.headers["connection"] = "close"
                     await response(scope, receive, send_with_id)
+                elif self.direct is not None and self.direct.matches(scope):
+                    await self.direct(scope, receive, send_with_id)
                 else:
                     await self.app(scope, receive, send_with_id)
         except Exception:
