@@ -2,11 +2,12 @@
 
     .venv/bin/python -m bench.compare --baseline 19a2506
     .venv/bin/python -m bench.compare --baseline main~3 --concurrency 1 16 64 --rounds 6
+    .venv/bin/python -m bench.compare --baseline main~3 --repo build/int8/both --model vit-ti16
 
 The baseline commit is checked out into build/compare/<sha> (a git worktree) and served from
 there beside this checkout's service, both over the baseline's model repository (a newer
-model.json may not load in older code), fed the same photos; each level alternates between
-them in rounds and reports medians. Writes bench/results/compare_<baseline>.json.
+model.json may not load in older code) or `--repo`, fed the same photos; each level alternates
+between them in rounds and reports medians. Writes bench/results/compare_<baseline>.json.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--baseline", required=True, help="a commit: sha, tag, branch, main~3")
     p.add_argument("--model", default=DEMO_MODEL)
+    p.add_argument(
+        "--repo",
+        type=Path,
+        help="the model repository both serve (default: the baseline's model_repo), e.g. "
+        "build/int8/both with --model vit-ti16",
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--requests", type=int, default=1200, help="per level and server")
     p.add_argument("--max-seconds", type=float, default=24.0, help="per level and server")
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     current = head[:12] + (
         "+changes" if git("status", "--porcelain", "--untracked-files=no") else ""
     )
-    repo = tree / "model_repo"
+    repo = a.repo.resolve() if a.repo is not None else tree / "model_repo"
     images = load_images()
     print(f"baseline {sha[:12]} from {tree}, current {current}; {images.source}")
     with (
@@ -87,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     report = CompareReport(sha, current, a.model, images.source, levels)
-    write_results(a.out or RESULTS / f"compare_{sha[:12]}.json", report)
+    suffix = "" if a.model == DEMO_MODEL else f"_{a.model}"
+    write_results(a.out or RESULTS / f"compare_{sha[:12]}{suffix}.json", report)
 
 
 if __name__ == "__main__":
