@@ -2,7 +2,7 @@
 
 Between the request middleware and the endpoint, Starlette and FastAPI run their exception
 middleware, an exit stack, the router (matching every route before it), FastAPI's request
-handler (dependency solving, telemetry) and two more exception wrappers: about 90 us of the event
+handler (dependency solving, telemetry) and two more exception wrappers: 80 to 90 us of the event
 loop per request on a CPU machine, measured, for a route that declares no parameters and
 returns its own `Response` (app/http/routes.py). That is a tenth of the event loop's time per
 image on the demo model (docs/performance.md, "No wasted CPU"), spent on every request.
