@@ -9,7 +9,7 @@ request as `bench.load` sends them:
   routing, request and response objects).
 - `service`: `python -m app.server` over the bundled demo model; its event loop thread alone.
 
-    .venv/bin/python -m bench.http_floor            # about 3 minutes; bench/results/http_floor.json
+    .venv/bin/python -m bench.http_floor     # about 7 minutes; bench/results/http_floor.json
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def floor_server(name: str, target: str) -> Iterator[Server]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--seconds", type=float, default=24.0)
+    parser.add_argument("--requests", type=int, default=30000, help="per level and server")
+    parser.add_argument("--seconds", type=float, default=60.0, help="per level and server")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args(argv)
     photos = load_images()
