@@ -166,7 +166,7 @@ def write_kit(size: str, form: str, out: Path = GRAPHS) -> dict[str, Any]:
     import torch
     from onnx import external_data_helper, numpy_helper
 
-    from export.onnx_export import parity_grids, stage_graph
+    from export.onnx_export import architecture_of, parity_grids, stage_graph
     from export.vit import VisionTransformer, ViTConfig
 
     torch.manual_seed(0)
@@ -214,14 +214,7 @@ def write_kit(size: str, form: str, out: Path = GRAPHS) -> dict[str, Any]:
         manifest = {
             "name": kit.name,
             "form": form,
-            "architecture": Architecture(
-                patch_size=cfg.patch_size,
-                grid=cfg.grid,
-                embed_dim=cfg.embed_dim,
-                depth=cfg.depth,
-                heads=cfg.heads,
-                num_classes=cfg.num_classes,
-            ).model_dump(mode="json"),
+            "architecture": architecture_of(cfg).model_dump(mode="json"),
             "parity": staged.optimization.max_abs_diff,
             "data_file": DATA_FILENAME,
             "data_bytes": (folder / DATA_FILENAME).stat().st_size,

@@ -53,7 +53,7 @@ from export.optimize import (
 )
 from export.quantize import Gate, HeldOut, int8_op_counts, stage_int8
 from export.rollout import HeadFusion, RolloutViT
-from export.vit import VisionTransformer
+from export.vit import VisionTransformer, ViTConfig
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,18 @@ def check_rollout_parity(
     return report
 
 
+def architecture_of(cfg: ViTConfig) -> Architecture:
+    """What model.json says of a model's architecture."""
+    return Architecture(
+        patch_size=cfg.patch_size,
+        grid=cfg.grid,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        heads=cfg.heads,
+        num_classes=cfg.num_classes,
+    )
+
+
 def build_spec(
     name: str,
     model: VisionTransformer,
@@ -214,15 +226,7 @@ def build_spec(
     source: Source,
     versions: dict[int, GraphFiles],
 ) -> ModelSpec:
-    cfg = model.cfg
-    arch = Architecture(
-        patch_size=cfg.patch_size,
-        grid=cfg.grid,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        heads=cfg.heads,
-        num_classes=cfg.num_classes,
-    )
+    arch = architecture_of(model.cfg)
     inputs, outputs = contract_tensors(arch)
     return ModelSpec(
         name=name,
