@@ -24,7 +24,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,7 +32,8 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from app.core.threads import INFERENCE, name_this_thread
+from app.core.priority import start_worker
+from app.core.threads import INFERENCE
 from app.models.repository import VersionKey
 from app.models.runtime import Backend, RolloutBackend
 from app.pipeline.batches import (
@@ -78,12 +79,6 @@ def _answer(item: _Item, result: Output | BaseException) -> None:
         item.future.set_result(result)
 
 
-def _start_lane(name: str, then: Callable[[], None] | None) -> None:
-    name_this_thread(name)  # its OS-level name, for top -H and bench's CPU by thread
-    if then is not None:
-        then()
-
-
 class BatchObserver(Protocol):
     """Told of each batch that ran (the service's metrics); must not raise."""
 
@@ -100,10 +95,10 @@ class Batcher:
         max_batch_tokens: int,
         max_queue_images: int,
         max_queue_delay_ms: float = 0.0,
-        thread_initializer: Callable[[], None] | None = None,
+        worker_nice: int = 0,
     ) -> None:
         """`lanes`: one mapping of backends per runtime instance, each serving the same
-        versions; `thread_initializer` runs first in each lane's inference thread.
+        versions; each lane's inference thread runs `worker_nice` nicer than its creator.
 
         Rollout backends are shared by every lane: ONNX Runtime sessions take concurrent runs.
         """
@@ -130,8 +125,9 @@ class Batcher:
         self._executors = [
             ThreadPoolExecutor(
                 max_workers=1,
-                thread_name_prefix=f"vit-serve-infer-{i}",
-                initializer=functools.partial(_start_lane, f"{INFERENCE}-{i}", thread_initializer),
+                thread_name_prefix=f"{INFERENCE}-{i}",
+                initializer=start_worker,
+                initargs=(f"{INFERENCE}-{i}", worker_nice),
             )
             for i in range(len(self._lanes))
         ]

@@ -57,7 +57,7 @@ class Preprocessor:
         self.settings = settings
         self._pool = ThreadPoolExecutor(
             max_workers=settings.preprocess_threads,
-            thread_name_prefix="vit-serve-preprocess",
+            thread_name_prefix=PREPROCESS,
             initializer=start_worker,
             initargs=(PREPROCESS, settings.worker_nice),
         )

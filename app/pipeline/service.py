@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -29,7 +28,6 @@ from app.core.errors import (
     RolloutUnavailableError,
     TooManyImagesError,
 )
-from app.core.priority import lower_this_thread
 from app.core.settings import Settings
 from app.models.repository import ModelVersion
 from app.models.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec, RolloutParams
@@ -101,7 +99,7 @@ class ClassifyService:
             max_batch_tokens=settings.batch_tokens(gpu=models.on_gpu),
             max_queue_images=settings.max_queue_images,
             max_queue_delay_ms=settings.max_queue_delay_ms,
-            thread_initializer=functools.partial(lower_this_thread, settings.worker_nice),
+            worker_nice=settings.worker_nice,
         )
         models.bind(self.batcher)
         self.preprocessor = Preprocessor(settings)
