@@ -24,10 +24,10 @@ class Output:
     """One image's answer from its batch."""
 
     logits: Logits  # (num_classes,)
-    rollout: RolloutMap | None = None  # (grid_h, grid_w), for rollout keys only
     # softmax(logits), made with the batch's in the inference thread: off the event loop, and
     # one vectorised call per batch instead of one per image.
-    probs: Probs | None = None
+    probs: Probs
+    rollout: RolloutMap | None = None  # (grid_h, grid_w), for rollout keys only
 
 
 class BatchingError(Exception):
@@ -90,7 +90,7 @@ def _check_rows(what: str, rows: int, items: int) -> None:
 def run_plain(backend: Backend, patches: list[Patches]) -> list[Output]:
     logits = backend.run(np.stack(patches))  # (B, grid_h, grid_w, P*P*C) -> (B, classes)
     _check_rows("logits", logits.shape[0], len(patches))
-    return [Output(row, None, p) for row, p in zip(logits, softmax(logits), strict=True)]
+    return [Output(row, p) for row, p in zip(logits, softmax(logits), strict=True)]
 
 
 def run_rollout(
@@ -100,7 +100,7 @@ def run_rollout(
     _check_rows("logits", logits.shape[0], len(patches))
     _check_rows("rollout", maps.shape[0], len(patches))
     rows = zip(logits, maps, softmax(logits), strict=True)
-    return [Output(row, rollout, p) for row, rollout, p in rows]
+    return [Output(row, p, rollout) for row, rollout, p in rows]
 
 
 T = TypeVar("T")

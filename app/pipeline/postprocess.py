@@ -55,12 +55,6 @@ def top_k(probs: NDArray[np.float64], k: int, labels: list[str]) -> list[Predict
     ]
 
 
-def predictions(
-    logits: NDArray[np.floating],
-    k: int,
-    labels: list[str],
-    probs: NDArray[np.float64] | None = None,
-) -> list[Prediction]:
-    """One image's logits (num_classes,) -> its top-k predictions; `probs`: their softmax, when
-    the inference thread made it already."""
-    return top_k(softmax(logits) if probs is None else probs, k, labels)
+def predictions(logits: NDArray[np.floating], k: int, labels: list[str]) -> list[Prediction]:
+    """One image's logits (num_classes,) -> its top-k predictions."""
+    return top_k(softmax(logits), k, labels)

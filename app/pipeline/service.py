@@ -37,7 +37,8 @@ from app.pipeline.batching import Batcher
 from app.pipeline.imaging import (
     ResizePolicy,
 )
-from app.pipeline.postprocess import Prediction, predictions
+from app.pipeline.postprocess import Prediction
+from app.pipeline.postprocess import top_k as top_k_of
 from app.pipeline.preprocessing import Preprocessor, Upload
 from app.pipeline.rollout import RolloutMap, RolloutResult, normalise
 
@@ -77,6 +78,7 @@ class Inference:
     model: str
     version: int
     logits: NDArray[np.float32]  # (N, num_classes)
+    probs: NDArray[np.float64]  # (N, num_classes): softmax(logits), from the inference thread
     grids: list[tuple[int, int]]  # (grid_h, grid_w) per image
     rollouts: list[RolloutMap] | None  # per image, scaled to a peak of 1; when asked for
     timing: Timing
@@ -242,6 +244,7 @@ class ClassifyService:
                 model=target.name,
                 version=target.version,
                 logits=np.stack([output.logits for output in outputs]).astype(np.float32),
+                probs=np.stack([output.probs for output in outputs]),
                 grids=grids,
                 rollouts=(
                     None if rollout is None else [_rollout_of(output.rollout) for output in outputs]
@@ -326,7 +329,7 @@ class ClassifyService:
             ]
         results = [
             ImageResult(
-                predictions=predictions(output.logits, k, target.spec.labels, output.probs),
+                predictions=top_k_of(output.probs, k, target.spec.labels),
                 image_size=p.image_size,
                 grid=p.grid,
                 resize=resize,

@@ -77,5 +77,6 @@ def test_top_k_over_many_classes_orders_as_a_full_stable_sort() -> None:
 
 
 def test_predictions_from_probabilities_made_beforehand() -> None:
+    # The service ranks the inference thread's probabilities (`Output.probs`) with top_k.
     logits = np.array([0.5, 2.0, -1.0, 2.0], dtype=np.float32)
-    assert predictions(logits, 3, LABELS, softmax(logits)) == predictions(logits, 3, LABELS)
+    assert top_k(softmax(logits), 3, LABELS) == predictions(logits, 3, LABELS)

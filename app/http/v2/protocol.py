@@ -29,7 +29,6 @@ from app.http.v2.tensors import BYTES
 from app.models.repository import ModelVersion, UnknownModelError
 from app.models.spec import HEAD_FUSIONS, HeadFusion, ModelSpec, RolloutParams
 from app.pipeline.imaging import ResizePolicy
-from app.pipeline.postprocess import softmax
 from app.pipeline.preprocessing import Upload
 from app.pipeline.service import ClassifyService, Inference
 
@@ -358,7 +357,7 @@ def _output(requested: RequestedOutput, result: Inference, labels: list[str]) ->
             raise InvalidInputError("output 'rollout' takes no 'classification' parameter")
         array = np.stack(maps).astype(np.float32)
         return OutputTensor(name, "FP32", list(array.shape), array=array)
-    values = result.logits if name == LOGITS else softmax(result.logits).astype(np.float32)
+    values = result.logits if name == LOGITS else result.probs.astype(np.float32)
     k = requested.classification
     if k:
         return _classification(name, values, min(k, len(labels)), labels)
