@@ -29,6 +29,7 @@ from app.http.v2.tensors import BYTES
 from app.models.repository import ModelVersion, UnknownModelError
 from app.models.spec import HEAD_FUSIONS, HeadFusion, ModelSpec, RolloutParams
 from app.pipeline.imaging import ResizePolicy
+from app.pipeline.postprocess import top_k
 from app.pipeline.preprocessing import Upload
 from app.pipeline.service import ClassifyService, Inference
 
@@ -370,6 +371,5 @@ def _classification(
     """Triton's classification extension: the top k of each row as "value:index:label"."""
     rows: list[bytes] = []
     for row in values:
-        order = np.argsort(-row, kind="stable")[:k]
-        rows.extend(f"{float(row[i]):f}:{int(i)}:{labels[i]}".encode() for i in order)
+        rows.extend(f"{p.score:f}:{p.index}:{p.label}".encode() for p in top_k(row, k, labels))
     return OutputTensor(name, BYTES, [len(values), k], elements=rows)
