@@ -158,11 +158,18 @@ def raw_throughput(
 # --- a server's process (Linux /proc) -------------------------------------------------------
 
 
+def _stat(path: Path) -> tuple[str, float]:
+    """A /proc stat file's name (comm) and user + system CPU seconds."""
+    stat = path.read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    return comm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
     """User + system CPU time of a process, or of one of its threads."""
     where = f"/proc/{pid}" if thread is None else f"/proc/{pid}/task/{thread}"
-    fields = Path(f"{where}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat(Path(f"{where}/stat"))[1]
 
 
 # A server's threads by what they do, from their OS-level names (app/core/threads.py): the
@@ -185,15 +192,11 @@ def thread_group(tid: int, comm: str, main: int) -> str:
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     """Each thread of a process: its OS-level name and its user + system CPU seconds so far."""
     found: dict[int, tuple[str, float]] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            stat = (task / "stat").read_text()
+            found[int(task.name)] = _stat(task / "stat")
         except OSError:  # ended while we look
             continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        found[int(task.name)] = (comm, (int(fields[11]) + int(fields[12])) / tick)
     return found
 
 
