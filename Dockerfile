@@ -10,20 +10,23 @@
 # provider links against). Every instruction after them is shared.
 
 ARG VARIANT=gpu
-# The ONNX Runtime release, the same as pyproject.toml's pin (tests/integration checks it).
-ARG ORT_VERSION=1.31.1
 
+# Each variant installs one of the lock's exported files (scripts/lock), with --require-hashes:
+# the versions every other install of the project uses, the same on every build.
 # GPU: onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9 (its build_and_package_info.py;
-# its CUDA provider needs libcublas.so.13 and libcudart.so.13), which this base provides. Its
-# TensorRT provider needs libnvinfer.so.10 and libnvonnxparser.so.10: TensorRT 10, pinned
-# (an unpinned tensorrt-cu13-libs brings TensorRT 11, libnvinfer.so.11). NVIDIA serves those
-# wheels from its own index; the one on PyPI only points there.
+# its CUDA provider needs libcublas.so.13 and libcudart.so.13), which this base provides, so it
+# installs the service's lock (onnxruntime-gpu without CUDA's wheels). Its TensorRT provider
+# needs libnvinfer.so.10 and libnvonnxparser.so.10: TensorRT 10, pinned (an unpinned
+# tensorrt-cu13-libs brings TensorRT 11, libnvinfer.so.11). NVIDIA serves those wheels from its
+# own index (the one on PyPI only points there), so they cannot be locked with the rest: the one
+# requirement installed by exact version without a hash.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
-ARG GPU_WHEELS="onnxruntime-gpu==${ORT_VERSION} tensorrt-cu13-libs==10.16.1.11"
+ARG GPU_LOCK=requirements/serve.txt
+ARG GPU_WHEELS="tensorrt-cu13-libs==10.16.1.11"
 # CPU: the ONNX Runtime CPU wheel, installed directly (never the GPU wheel, then swapped). On
 # Debian's slim image: the same distribution a test here builds it on (scripts/container-base).
 ARG CPU_IMAGE=debian:bookworm-slim
-ARG CPU_WHEELS="onnxruntime==${ORT_VERSION}"
+ARG CPU_LOCK=requirements/image-cpu.txt
 
 FROM ${CUDA_IMAGE} AS base-gpu
 FROM ${CPU_IMAGE} AS base-cpu
@@ -44,8 +47,9 @@ RUN apt-get update \
 
 FROM base AS builder
 ARG VARIANT
+ARG GPU_LOCK
 ARG GPU_WHEELS
-ARG CPU_WHEELS
+ARG CPU_LOCK
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-venv \
@@ -54,19 +58,20 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# The project's dependencies but ONNX Runtime, then the variant's wheels (one layer, rebuilt
-# only when pyproject.toml changes). The `export` extra (PyTorch) never enters this image.
-COPY pyproject.toml ./
-RUN case "$VARIANT" in gpu) wheels=$GPU_WHEELS ;; cpu) wheels=$CPU_WHEELS ;; \
+# The variant's locked dependencies (one layer, rebuilt only when the lock changes). The
+# `export` extra (PyTorch) is in neither file. ($wheels is GPU_WHEELS, pinned by exact version.)
+COPY requirements ./requirements
+# hadolint ignore=DL3013
+RUN case "$VARIANT" in gpu) lock=$GPU_LOCK wheels=$GPU_WHEELS ;; cpu) lock=$CPU_LOCK wheels="" ;; \
       *) echo "VARIANT must be gpu or cpu, not '$VARIANT'" >&2; exit 1 ;; esac \
-    && python -c 'import tomllib; print("\n".join(d for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if not d.startswith("onnxruntime")))' >requirements.txt \
-    && tr ' ' '\n' <<<"$wheels" >>requirements.txt \
-    && pip install --no-cache-dir -r requirements.txt
-# Then the project, without its dependencies. The build fails if anything pulled torch in or
-# left more than one ONNX Runtime; pip and setuptools are not needed to serve.
-COPY README.md ./
+    && pip install --no-cache-dir --require-hashes -r "$lock" \
+    && if [ -n "$wheels" ]; then pip install --no-cache-dir --no-deps $wheels; fi
+# Then the project, without its dependencies, built by the locked setuptools. The build fails
+# if anything pulled torch in or left more than one ONNX Runtime; pip and setuptools are not
+# needed to serve.
+COPY pyproject.toml README.md ./
 COPY app ./app
-RUN pip install --no-cache-dir --no-deps . \
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && if pip show torch >/dev/null 2>&1; then echo "torch in the serving image" >&2; exit 1; fi \
     && if [ "$(pip list --format=freeze | grep -c '^onnxruntime')" != 1 ]; then \
          echo "not exactly one ONNX Runtime in the serving image" >&2; exit 1; fi \

@@ -84,17 +84,23 @@ def pinned_ort_version() -> str:
     return match.group(1)
 
 
-def test_the_gpu_and_cpu_variants_differ_only_in_base_image_and_onnx_runtime_wheel() -> None:
+def locked_versions(name: str) -> dict[str, str]:
+    """An exported lock file's packages and versions: requirements/serve.txt -> {name: version}."""
+    text = (ROOT / name).read_text()
+    return dict(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", text, re.MULTILINE))
+
+
+def test_the_gpu_and_cpu_variants_differ_only_in_base_image_and_locked_requirements() -> None:
     args = global_args()
     assert args["VARIANT"] == "gpu"
     assert set(args) == {
         "VARIANT",
-        "ORT_VERSION",
         "CUDA_IMAGE",
+        "GPU_LOCK",
         "GPU_WHEELS",
         "CPU_IMAGE",
-        "CPU_WHEELS",
-    }, "a variant-specific build arg beyond the base image and the wheels"
+        "CPU_LOCK",
+    }, "a variant-specific build arg beyond the base image and what it installs"
     instructions = dockerfile_instructions()
     froms = [rest for word, rest in instructions if word == "FROM"]
     # Each variant is a base image and nothing else: the next instruction is the next FROM.
@@ -106,24 +112,30 @@ def test_the_gpu_and_cpu_variants_differ_only_in_base_image_and_onnx_runtime_whe
     first = [i for i, (word, _) in enumerate(instructions) if word == "FROM"][:3]
     assert first[1] == first[0] + 1 and first[2] == first[1] + 1
     # After them, everything is shared: the variant's args appear in one instruction only,
-    # which picks the wheels; no later stage starts from a variant's base.
+    # which picks the lock (installed with its hashes) and the GPU's unlockable wheels.
     shared = instructions[first[2] + 1 :]
     assert not [rest for word, rest in shared if word == "FROM" and "base-" in rest.split()[0]]
-    variant_specific = re.compile(r"\$\{?(VARIANT|CUDA_IMAGE|CPU_IMAGE|GPU_WHEELS|CPU_WHEELS)\b")
+    variant_specific = re.compile(
+        r"\$\{?(VARIANT|CUDA_IMAGE|CPU_IMAGE|GPU_LOCK|GPU_WHEELS|CPU_LOCK)\b"
+    )
     (picks,) = [
         (word, rest) for word, rest in shared if word != "ARG" and variant_specific.search(rest)
     ]
     assert picks[0] == "RUN"
-    assert re.search(r"gpu\) wheels=\$GPU_WHEELS ;; cpu\) wheels=\$CPU_WHEELS ;;", picks[1])
+    assert re.search(
+        r'gpu\) lock=\$GPU_LOCK wheels=\$GPU_WHEELS ;; cpu\) lock=\$CPU_LOCK wheels="" ;;',
+        picks[1],
+    )
+    assert '--require-hashes -r "$lock"' in picks[1]
 
-    # The wheels: ONNX Runtime at the one pinned release, GPU or CPU build; the GPU variant
-    # adds TensorRT's libraries, nothing else.
-    ort = args["ORT_VERSION"]
-    assert ort == pinned_ort_version(), "the Dockerfile's ORT_VERSION is pyproject.toml's pin"
-    gpu, cpu = set(args["GPU_WHEELS"].split()), set(args["CPU_WHEELS"].split())
-    assert cpu == {f"onnxruntime=={ort}"}
-    (tensorrt,) = gpu - {f"onnxruntime-gpu=={ort}"}
-    assert f"onnxruntime-gpu=={ort}" in gpu
+    # The locks: ONNX Runtime at the one pinned release, GPU or CPU build, never both; the GPU
+    # variant adds TensorRT's libraries, nothing else.
+    ort = pinned_ort_version()
+    gpu_lock, cpu_lock = locked_versions(args["GPU_LOCK"]), locked_versions(args["CPU_LOCK"])
+    assert gpu_lock.get("onnxruntime-gpu") == ort and "onnxruntime" not in gpu_lock
+    assert cpu_lock.get("onnxruntime") == ort and "onnxruntime-gpu" not in cpu_lock
+    assert not {"torch", "torchvision"} & (set(gpu_lock) | set(cpu_lock))
+    (tensorrt,) = args["GPU_WHEELS"].split()
     match = re.fullmatch(r"tensorrt-cu(\d+)-libs==(\d+)\.[\d.]+", tensorrt)
     assert match, f"the GPU variant's only other wheel is TensorRT's libraries, pinned: {tensorrt}"
     trt_cuda, trt_major = match.groups()

@@ -1,7 +1,7 @@
 """The GPU image's CUDA, the pip extras' CUDA and TensorRT, and onnxruntime-gpu's own, agree.
 
 Each is read from its source, never from a constant copied here: the Dockerfile's GPU base
-image tag and its wheel pins, pyproject.toml's `gpu` and `tensorrt` extras, and the installed
+image tag and its wheel pins, pyproject.toml's `gpu` extra, and the installed
 onnxruntime-gpu wheel (its build info, and the SONAMEs its provider libraries link against).
 When onnxruntime-gpu moves to another CUDA major, or the image's base does, these fail until
 the others follow: otherwise the image's sessions would quietly run on the CPU.
@@ -116,11 +116,13 @@ def test_the_image_installs_the_onnx_runtime_read_here_and_tensorrt_at_its_sonam
     major, _, tensorrt_needs = installed_wheel()
     wheels = dockerfile_args((ROOT / "Dockerfile").read_text()).get("GPU_WHEELS", "").split()
     pins = dict(w.split("==", 1) for w in wheels if "==" in w)
-    if "onnxruntime-gpu" in pins:
-        assert pins["onnxruntime-gpu"] == ort.__version__, (
-            f"the image installs onnxruntime-gpu {pins['onnxruntime-gpu']}, this environment "
-            f"{ort.__version__}: reinstall, or these checks read another wheel than the image's"
-        )
+    lock = dockerfile_args((ROOT / "Dockerfile").read_text())["GPU_LOCK"]
+    locked = re.search(r"^onnxruntime-gpu==([^\s;]+)", (ROOT / lock).read_text(), re.MULTILINE)
+    assert locked, f"the GPU image's lock {lock} has no onnxruntime-gpu"
+    assert locked.group(1) == ort.__version__, (
+        f"the image installs onnxruntime-gpu {locked.group(1)}, this environment "
+        f"{ort.__version__}: reinstall, or these checks read another wheel than the image's"
+    )
     tensorrt = [(name, v) for name, v in pins.items() if re.fullmatch(r"tensorrt-cu\d+-libs", name)]
     if not tensorrt:
         pytest.skip("the GPU image installs no TensorRT wheel")
@@ -132,16 +134,11 @@ def test_the_image_installs_the_onnx_runtime_read_here_and_tensorrt_at_its_sonam
     )
 
 
-def test_the_pip_extras_bring_the_wheels_cuda_and_tensorrt() -> None:
-    major, _, tensorrt_needs = installed_wheel()
+def test_the_pip_extra_brings_the_wheels_cuda() -> None:
+    major, _, _ = installed_wheel()
     gpu = extra("gpu")
     assert any(r.startswith("onnxruntime-gpu[") and "cuda" in r and "cudnn" in r for r in gpu)
     assert requirement_major(gpu, "nvidia-cublas") == major
-    (tensorrt,) = [r for r in extra("tensorrt") if r.startswith("tensorrt-cu")]
-    assert int(tensorrt.split("-cu")[1].split("-")[0]) == major
-    assert requirement_major([tensorrt], tensorrt.split(">")[0].split("=")[0]) == soname_major(
-        tensorrt_needs, "libnvinfer"
-    )
 
 
 def test_the_dockerfile_reader_resolves_args_and_finds_the_gpu_base() -> None:
