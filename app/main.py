@@ -12,10 +12,12 @@ from fastapi import FastAPI
 from app.core import collector
 from app.core.logs import configure_logging
 from app.core.settings import Settings
+from app.engine import Engine, ModelTable
 from app.http.admin import router as admin_router
 from app.http.cors import install_cors
 from app.http.direct import DirectRoute
 from app.http.errors import install_error_handlers
+from app.http.frontdoor import readiness
 from app.http.metrics import Metrics
 from app.http.middleware import Lifecycle, RequestMiddleware, install_metrics
 from app.http.page import install_page
@@ -23,7 +25,6 @@ from app.http.routes import classify_route, router
 from app.http.v2.grpc_server import GrpcFrontDoor
 from app.http.v2.rest import router as v2_router
 from app.models.sessions import BackendFactory, RolloutBackendFactory
-from app.models.table import ModelTable
 from app.pipeline.imaging import configure_pillow
 from app.pipeline.service import ClassifyService
 
@@ -56,13 +57,15 @@ def create_app(
         models = await asyncio.to_thread(
             ModelTable.load, settings, backend_factory, rollout_factory
         )
-        service = ClassifyService(settings, models)
+        engine = Engine(settings, models)
+        service = ClassifyService(settings, engine)
         previous_limit = configure_pillow(settings.image_max_pixels)
         # The observers: the domain reports to these hooks and never imports Prometheus.
-        metrics.watch(service, lambda: lifecycle.draining)
-        models.on_change = lambda: metrics.show_models(models)
-        service.batcher.observer = metrics
-        service.start()
+        metrics.watch(engine, lambda: readiness(engine, lifecycle.draining).ready)
+        models.on_change = lambda: metrics.show_models(engine.describe())
+        engine.observe(metrics)
+        engine.start()
+        app.state.engine = engine
         app.state.service = service
         # The Open Inference Protocol over gRPC, in this event loop, when a port is set.
         grpc_door = None
@@ -80,7 +83,8 @@ def create_app(
         finally:
             if grpc_door is not None:  # its calls in flight finish first, as HTTP's did
                 await grpc_door.stop(settings.drain_timeout_s)
-            await service.stop()
+            await engine.stop()
+            service.stop()
             configure_pillow(previous_limit)
             log.info("stopped")
 

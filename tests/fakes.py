@@ -14,9 +14,9 @@ import time
 import numpy as np
 from numpy.typing import NDArray
 
+from app.engine.batches import BatchKey, Output
 from app.models.repository import ModelVersion
 from app.models.spec import RolloutParams
-from app.pipeline.batches import BatchKey, Output
 
 D = 8 * 8 * 3  # one patch of the fake model: 8x8 pixels, RGB
 MODEL = ("m", 1)

@@ -23,7 +23,7 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 async def reload(_: AdminKeyDep, service: ServiceDep) -> ReloadResponse:
     """Scan the model repository and serve what it holds now: new and changed versions are
     loaded, warmed and swapped in; removed ones drain and are released. No request fails."""
-    report = await service.models.reload()
+    report = await service.engine.reload()
     return ReloadResponse(
         loaded=report.loaded,
         unloaded=report.unloaded,

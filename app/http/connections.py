@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from app.core.settings import Settings
-from app.http.errors import RETRY_AFTER_S
+from app.http.frontdoor import RETRY_AFTER_S
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Exceptions -> HTTP statuses, as {"detail": "<a message a person can act on>"}.
+"""Exceptions -> HTTP statuses (app/http/frontdoor.py's table), as {"detail": "<a message>"}.
 
 Under /v2 the same messages come as {"error": ...}: the Open Inference Protocol's clients
 (tritonclient, the KServe SDK) read that key, also for an unknown route or a wrong method.
@@ -16,61 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from app.core.errors import (
-    AdminDisabledError,
-    BadRequestBodyError,
-    BodyTimeoutError,
-    BusyError,
-    InvalidInputError,
-    InvalidParameterError,
-    NoImageError,
-    NotReadyError,
-    PayloadTooLargeError,
-    RolloutUnavailableError,
-    TooManyImagesError,
-    UnauthorizedError,
-    UnsupportedMediaTypeError,
-)
-from app.models.repository import ModelNotReadyError, RepositoryError, UnknownModelError
-from app.pipeline.batches import (
-    DeadlineExceededError,
-    InferenceError,
-    NotServedError,
-    OverloadedError,
-    ShuttingDownError,
-)
-from app.pipeline.imaging import ImageDecodeError, ImageTooLargeError
+from app.core.errors import BusyError, ServiceError
+from app.http.frontdoor import error_response, is_load_shedding, status_of
 
 log = logging.getLogger(__name__)
-
-STATUS_OF: dict[type[Exception], int] = {
-    NoImageError: 400,
-    BadRequestBodyError: 400,
-    ImageDecodeError: 400,
-    RolloutUnavailableError: 400,
-    InvalidInputError: 400,
-    UnauthorizedError: 401,
-    AdminDisabledError: 403,
-    UnknownModelError: 404,
-    BodyTimeoutError: 408,
-    PayloadTooLargeError: 413,
-    TooManyImagesError: 413,
-    ImageTooLargeError: 413,
-    UnsupportedMediaTypeError: 415,
-    InvalidParameterError: 422,
-    # A model that fails is the server's fault, but one the client can route around: retry.
-    InferenceError: 503,
-    NotServedError: 503,
-    ModelNotReadyError: 503,
-    RepositoryError: 409,
-    OverloadedError: 503,
-    BusyError: 503,
-    ShuttingDownError: 503,
-    NotReadyError: 503,
-    DeadlineExceededError: 504,
-}
-RETRY_AFTER_S = 1
-_LOAD_SHEDDING = (OverloadedError, BusyError, DeadlineExceededError, ShuttingDownError)
 
 _PLACES = {"query": "query parameter", "path": "path parameter", "header": "header"}
 
@@ -84,27 +33,13 @@ def body_key(request: Request) -> str:
     return "error" if path == V2_PREFIX or path.startswith(V2_PREFIX + "/") else "detail"
 
 
-def error_response(status: int, message: str, key: str = "detail") -> JSONResponse:
-    headers: dict[str, str] = {}
-    if status == 401:
-        # RFC 9110: a 401 names the scheme that would succeed (X-API-Key works as well).
-        headers["WWW-Authenticate"] = "Bearer"
-    elif status == 408:
-        # The rest of the body may still be on its way: the connection cannot carry another
-        # request, so say so rather than let the client reuse it.
-        headers["Connection"] = "close"
-    elif status == 503:
-        # Transient by construction (a full queue, a restart): tell clients when to retry.
-        headers["Retry-After"] = str(RETRY_AFTER_S)
-    return JSONResponse({key: message}, status_code=status, headers=headers or None)
-
-
 async def _known_error(request: Request, exc: Exception) -> JSONResponse:
-    status = next(STATUS_OF[t] for t in type(exc).__mro__ if t in STATUS_OF)
-    message: str = getattr(exc, "message", str(exc))
+    status = status_of(exc)
+    assert status is not None and isinstance(exc, ServiceError)
+    message = exc.message
     # Load shedding is the server working as meant, and logging each refusal would cost the
     # event loop most when it can least afford it: the access log and metrics count them.
-    if status >= 500 and not isinstance(exc, _LOAD_SHEDDING):
+    if status >= 500 and not is_load_shedding(exc):
         log.warning("%s %s -> %d: %s", request.method, request.url.path, status, message)
     response = error_response(status, message, body_key(request))
     if isinstance(exc, BusyError):
@@ -144,8 +79,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    for exc_type in STATUS_OF:
-        app.add_exception_handler(exc_type, _known_error)
+    app.add_exception_handler(ServiceError, _known_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -24,12 +24,9 @@ from prometheus_client import (
 )
 
 from app.core.records import RequestRecord
-from app.models.providers import graph_form
 
 if TYPE_CHECKING:
-    from app.models.table import ModelTable
-    from app.pipeline.batches import BatchKey
-    from app.pipeline.service import ClassifyService
+    from app.engine import BatchKey, Description, Engine
 
 NAMESPACE = "vit_serve"
 
@@ -196,35 +193,31 @@ class Metrics:
 
     # --- hooks -----------------------------------------------------------------------------
 
-    def watch(self, service: ClassifyService, draining: Callable[[], bool]) -> None:
-        """Gauges read from the running service at scrape time, and the served models now."""
-        self.queue_depth.set_function(lambda: service.batcher.queued)
-        self.ready.set_function(
-            lambda: float(
-                service.ready
-                and service.serving
-                and service.models.not_ready_reason is None  # VIT_SERVE_REQUIRE_GPU unmet
-                and not draining()
-            )
-        )
-        self.queue_capacity.set(service.batcher.max_queue_images)
-        self.show_models(service.models)
+    def watch(self, engine: Engine, ready: Callable[[], bool]) -> None:
+        """Gauges read from the running engine at scrape time, and the served models now;
+        `ready`: the front doors' readiness answer."""
+        self.queue_depth.set_function(lambda: engine.queued)
+        self.ready.set_function(lambda: float(ready()))
+        self.queue_capacity.set(engine.queue_capacity)
+        self.show_models(engine.describe())
 
-    def show_models(self, models: ModelTable) -> None:
+    def show_models(self, described: Description) -> None:
         """One `model_info` series per served version; re-run whenever a reload or a fault
         changes what is served."""
         self.model_info.clear()
-        for version, placement in models.placements_served():
-            grid = version.spec.architecture.grid
-            self.model_info.labels(
-                model=version.name,
-                version=str(version.version),
-                provider=placement.provider,
-                wanted=placement.wanted or placement.provider,
-                grid=f"{grid[0]}x{grid[1]}",
-                optimization=graph_form(version.spec, version.version),
-            ).set(1)
-        self.models_not_ready.set(len(models.repository.unavailable))
+        for model in described.models:
+            for version in model.versions:
+                grid = version.spec.architecture.grid
+                placement = version.placement
+                self.model_info.labels(
+                    model=model.name,
+                    version=str(version.version),
+                    provider=placement.provider,
+                    wanted=placement.wanted or placement.provider,
+                    grid=f"{grid[0]}x{grid[1]}",
+                    optimization=version.form,
+                ).set(1)
+        self.models_not_ready.set(len(described.not_ready))
 
     def _labelled(self, metric: Histogram | Counter, *values: str) -> Any:
         """`metric.labels(*values)`, kept: prometheus_client checks and locks on every call, and

@@ -9,7 +9,6 @@ context variables it opens (request id, metrics record) reach the classify servi
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -21,12 +20,13 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.errors import BusyError, NotReadyError
 from app.core.logs import request_id_var
 from app.core.records import RequestRecord, current_request, request_scope
+from app.engine import BUSY_MESSAGE, Permit
 from app.http.direct import DirectRoute
-from app.http.errors import error_response
+from app.http.frontdoor import DRAINING_MESSAGE, discard_body, engine_of, error_response
 from app.http.metrics import QUIET_PATHS, UNMATCHED_ROUTE, Metrics, error_reason
-from app.pipeline.service import BUSY_MESSAGE
 
 access_log = logging.getLogger("app.access")
 
@@ -37,7 +37,8 @@ _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Refused while draining: readiness, so that load balancers and Kubernetes stop sending work.
 # Everything else is served as usual (see Lifecycle).
 _REFUSED_WHILE_DRAINING = frozenset({"/readyz"})
-DRAINING_MESSAGE = "the server is shutting down; retry on another replica"
+# Where the request middleware leaves a /classify request's permit for the route.
+PERMIT = "permit"
 CONNECTION_CLOSE = (b"connection", b"close")
 
 
@@ -71,30 +72,6 @@ def _request_id(scope: Scope) -> str:
 def _route_of(scope: Scope) -> str | None:
     path: object = getattr(scope.get("route"), "path", None)
     return path if isinstance(path, str) else None
-
-
-async def _discard_body(receive: Receive, max_bytes: int, timeout_s: float) -> bool:
-    """Read a refused request's body and drop it; False when it is over `max_bytes` or not in
-    within `timeout_s` (then the connection must close: the rest of the body is still on it).
-
-    Keeping the connection costs one read of a body on loopback or from a load balancer;
-    closing it would make the client connect again for its retry, and under overload accepting
-    connections is what the event loop can least afford.
-    """
-    received = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return False  # the client went away
-                received += len(message.get("body", b""))
-                if received > max_bytes:
-                    return False
-                if not message.get("more_body", False):
-                    return True
-    except TimeoutError:
-        return False
 
 
 class RequestMiddleware:
@@ -145,11 +122,20 @@ class RequestMiddleware:
             await send(message)
 
         refused = self.lifecycle.draining and path in _REFUSED_WHILE_DRAINING
-        # Under overload, refuse new work here, before routing and validation, without decoding
-        # anything: the cheapest answer the event loop can give, so it keeps up with arrivals
-        # (the route checks again, for requests admitted in between).
-        service = getattr(self.owner.state, "service", None)
-        busy = not refused and path == "/classify" and getattr(service, "busy", False)
+        # /classify is admitted here, once, before routing and validation: under overload the
+        # refusal costs no decoding, the cheapest answer the event loop can give, so it keeps up
+        # with arrivals. The route takes the permit from the scope.
+        permit: Permit | None = None
+        busy = False
+        engine = engine_of(self.owner.state)
+        if not refused and path == "/classify" and engine is not None:
+            try:
+                permit = engine.admit()
+            except BusyError:
+                busy = True
+            except NotReadyError:
+                pass  # the route answers it, as it answers every request before the start
+            scope.setdefault("state", {})[PERMIT] = permit
         token = request_id_var.set(record.request_id)
         if not quiet:
             self.metrics.in_flight.inc()
@@ -163,7 +149,7 @@ class RequestMiddleware:
                     record.error_reason = "busy"
                     response = error_response(503, BUSY_MESSAGE)
                     settings = self.owner.state.settings
-                    drained = await _discard_body(
+                    drained = await discard_body(
                         receive, settings.upload_max_bytes, settings.body_read_timeout_s
                     )
                     if not drained:
@@ -177,6 +163,8 @@ class RequestMiddleware:
             record.error_reason = record.error_reason or "internal"
             raise
         finally:
+            if permit is not None:
+                permit.release()
             seconds = time.perf_counter() - started
             route = (
                 self._known_route(path) if refused or busy else _route_of(scope) or UNMATCHED_ROUTE

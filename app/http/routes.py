@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 
 from app.core.errors import NotReadyError
+from app.engine import Permit
 from app.http.auth import API_KEY_SECURITY, check_api_key
-from app.http.deps import ServiceDep, get_service
+from app.http.deps import ServiceDep
+from app.http.frontdoor import draining, get_service, readiness
+from app.http.middleware import PERMIT
 from app.http.params import openapi_parameters, read_params
 from app.http.schemas import (
     ClassifyResponse,
@@ -22,7 +25,7 @@ from app.http.schemas import (
     Status,
 )
 from app.http.uploads import read_uploads
-from app.models.providers import TENSORRT, graph_form
+from app.models.providers import TENSORRT
 
 router = APIRouter()
 
@@ -73,13 +76,17 @@ _BODY: dict[str, Any] = {
 async def classify(request: Request) -> Response:
     # The key, the service and the parameters are checked here, in that order, rather than
     # declared for FastAPI to resolve: see app/http/params.py.
-    arrived = asyncio.get_running_loop().time()
+    arrived = time.monotonic()
     check_api_key(request)  # before anything else: a refused request costs no work
     service = await get_service(request)
     params = read_params(request)
-    with service.admission():
+    # Admitted by the request middleware before routing; here only when it could not be.
+    taken: Permit | None = request.scope.get("state", {}).get(PERMIT)
+    permit = taken or service.engine.admit()
+    try:
         uploads = await read_uploads(request, service.settings)
         result = await service.classify(
+            permit,
             uploads,
             model=params.model,
             version=params.version,
@@ -90,6 +97,8 @@ async def classify(request: Request) -> Response:
             timeout_ms=params.deadline_ms,
             arrived=arrived,
         )
+    finally:
+        permit.release()
     # Serialised here, once: returned as a model, FastAPI would validate it a second time against
     # `response_model` (which stays for the OpenAPI document) before encoding it.
     answer = ClassifyResponse.model_validate(result).model_dump_json(exclude_none=True)
@@ -109,63 +118,57 @@ async def healthz() -> Status:
 
 
 @router.get("/readyz", response_model=Status, responses={503: {"model": ErrorBody}})
-async def readyz(service: ServiceDep) -> Status:
+async def readyz(request: Request) -> Status:
     """Loaded and warmed up, at least one model version serving, and not stopping.
 
     A model that cannot serve does not take the replica out of its load balancer: the others
     still serve, and GET /models says what is not ready and why. Except with
     VIT_SERVE_REQUIRE_GPU: a version whose sessions landed on the CPU keeps the replica out.
     """
-    reason = service.models.not_ready_reason
-    if reason is not None:
-        raise NotReadyError(f"VIT_SERVE_REQUIRE_GPU is set and {reason}")
-    if not service.serving:
-        raise NotReadyError(
-            "no model can be served; GET /models lists each one's reason"
-            if service.models.repository.unavailable
-            else "the model repository is empty: add a model and reload"
-        )
+    service = await get_service(request)
+    answer = readiness(service.engine, draining(request))
+    if not answer.ready:
+        raise NotReadyError(answer.reason or "not ready")
     return Status(status="ready")
 
 
 @router.get("/models", response_model=ModelsResponse)
 async def models(service: ServiceDep) -> ModelsResponse:
-    repository = service.models.repository
+    described = service.engine.describe()
     infos = []
-    for name, entry in sorted(repository.models.items()):
-        spec = entry.spec
+    for model in described.models:
+        default = model.default
+        spec = default.spec
         arch = spec.architecture
-        placement = service.models.placement(entry)
+        placement = default.placement
         provider = placement.provider
         infos.append(
             ModelInfo(
-                name=name,
-                default=name == repository.default_model,
-                versions=sorted(entry.versions),
-                default_version=entry.default_version,
-                rollout_versions=service.models.rollout_versions(entry),
+                name=model.name,
+                default=model.name == described.default_model,
+                versions=[v.version for v in model.versions],
+                default_version=model.default_version,
+                rollout_versions=[v.version for v in model.versions if v.rollout],
                 num_classes=arch.num_classes,
                 patch_size=arch.patch_size,
                 native_grid=arch.grid,
                 input_size=arch.input_size,
-                fit_max_tokens=service.fit_max_tokens(spec),
+                fit_max_tokens=model.max_tokens,
                 preprocess=PreprocessInfo.model_validate(spec.preprocess),
                 provider=provider,
                 placement=placement.node_counts(),
                 wanted_provider=placement.wanted or provider,
                 fallback=placement.fallback,
-                optimization=graph_form(spec, entry.default_version),
-                version_optimization={v: graph_form(spec, v) for v in sorted(entry.versions)},
+                optimization=default.form,
+                version_optimization={v.version: v.form for v in model.versions},
                 tensorrt_fp16=service.settings.trt_fp16 if provider == TENSORRT else None,
             )
         )
-    not_ready = [
-        NotReady(model=u.model, version=u.version, reason=u.reason)
-        for _, u in sorted(repository.unavailable.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
-    ]
     return ModelsResponse(
-        default_model=repository.default_model,
+        default_model=described.default_model,
         models=infos,
-        not_ready=not_ready,
-        replica_not_ready=service.models.not_ready_reason,
+        not_ready=[
+            NotReady(model=u.model, version=u.version, reason=u.reason) for u in described.not_ready
+        ],
+        replica_not_ready=described.replica_not_ready,
     )

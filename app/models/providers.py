@@ -235,7 +235,7 @@ def served_profile(
     """The profile for a version's graph: the native grid (`crop`) and every grid `fit` makes
     of images up to 4:1 either way, per dimension from the smallest to the largest; batch 1 up
     to the batch size, or fewer where the token budget cannot hold that many of the smallest
-    grid (`app.pipeline.batching` bounds a batch by both). Opt: the native grid at the largest batch
+    grid (`app.engine.batcher` bounds a batch by both). Opt: the native grid at the largest batch
     of it the budget allows, what a loaded server runs most (a GPU is there for load).
 
     Not the grids of wider images (1 x T, T x 1; panoramas, strips): TensorRT bounds each

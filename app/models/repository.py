@@ -18,6 +18,7 @@ from typing import TypeAlias
 
 from pydantic import ValidationError
 
+from app.core.errors import ErrorKind, ServiceError
 from app.models.spec import (
     GRAPH_FILENAME,
     MODEL_NAME_PATTERN,
@@ -36,24 +37,22 @@ _NAME = re.compile(MODEL_NAME_PATTERN)
 _VERSION = re.compile(r"0|[1-9][0-9]*")  # canonical only: "01", "+1" or "１" would alias a version
 
 
-class RepositoryError(RuntimeError):
+class RepositoryError(ServiceError, RuntimeError):
     """The repository as configured cannot be used at all (the service refuses to start)."""
 
+    kind = ErrorKind.CONFLICT
 
-class UnknownModelError(LookupError):
+
+class UnknownModelError(ServiceError, LookupError):
     """A request named a model or version that is not in the repository (a 404)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    kind = ErrorKind.NOT_FOUND
 
 
-class ModelNotReadyError(RuntimeError):
+class ModelNotReadyError(ServiceError, RuntimeError):
     """A request named a model or version that is in the repository but cannot serve (a 503)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    kind = ErrorKind.UNAVAILABLE
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from PIL import (
     WebPImagePlugin,
 )
 
+from app.core.errors import ErrorKind, ServiceError
 from app.models.grids import fit_grid
 from app.models.spec import Interpolation, ModelSpec
 
@@ -62,12 +63,10 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 
-class ImageError(ValueError):
+class ImageError(ServiceError, ValueError):
     """An upload that cannot be used; `message` tells a person what to do about it."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    kind = ErrorKind.BAD_INPUT
 
 
 class ImageDecodeError(ImageError):
@@ -77,6 +76,8 @@ class ImageDecodeError(ImageError):
 class ImageTooLargeError(ImageError):
     """More pixels than the limit: in the header (refused before decoding), or in the resized
     image the policy would make of it (a sliver that `crop` scales until its short side fits)."""
+
+    kind = ErrorKind.TOO_LARGE
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Logits -> probabilities -> the top k labelled predictions.
 
-`softmax` runs per batch in the inference thread (app/pipeline/batches.py), vectorised, each row
-the same as on its own; `top_k` runs per image on the event loop, so it sorts only what it must.
+`softmax` (the engine's) runs per batch in the inference thread (app/engine/batches.py),
+vectorised, each row the same as on its own; `top_k` runs per image on the event loop, so it
+sorts only what it must.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
+
+from app.engine import softmax
 
 
 @dataclass(frozen=True)
@@ -21,15 +24,6 @@ class Prediction:
 
 # Above this many classes `top_k` partitions before sorting (below, a full sort is cheaper).
 _PARTITION_ABOVE = 64
-
-
-def softmax(logits: NDArray[np.floating]) -> NDArray[np.float64]:
-    """Softmax over the last axis, in float64 and shifted by the max so exp never overflows.
-    Each row of a batch is bit for bit the softmax of that row alone (a test holds it)."""
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(x)
-    return np.asarray(e / e.sum(axis=-1, keepdims=True), dtype=np.float64)
 
 
 def top_k(probs: NDArray[np.float64], k: int, labels: list[str]) -> list[Prediction]:

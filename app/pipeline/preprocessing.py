@@ -20,8 +20,8 @@ from app.core.errors import UnsupportedMediaTypeError
 from app.core.priority import start_worker
 from app.core.settings import Settings
 from app.core.threads import PREPROCESS
+from app.engine import DeadlineExceededError, OverloadedError, RolloutMap, first_error_or_all
 from app.models.spec import ModelSpec
-from app.pipeline.batches import DeadlineExceededError, OverloadedError, first_error_or_all
 from app.pipeline.imaging import (
     FORMATS_HINT,
     ImageDecodeError,
@@ -30,7 +30,7 @@ from app.pipeline.imaging import (
     prepare,
     resize_plan,
 )
-from app.pipeline.rollout import RolloutMap, heatmap_png
+from app.pipeline.rollout import heatmap_png
 
 log = logging.getLogger(__name__)
 

@@ -1,20 +1,18 @@
-"""The classify service: the request path from uploaded bytes to labelled answers; no HTTP.
+"""The classify service: a front door's request path from uploaded bytes to labelled answers.
 
-`ClassifyService.classify` resolves the model version in the model table, preprocesses in a
-bounded thread pool (app/pipeline/preprocessing.py), queues the patch grids on the batcher and
-turns logits into top-k answers, all under one deadline per request. `ClassifyService.infer`
-does the same for the Open Inference Protocol's front doors, which send encoded images or ready
-patch grids and want the raw tensors back (logits, rollout maps). It also admits requests
-(`admission`): one place each, from before the body is read until the answer.
+`ClassifyService.classify` resolves the model version through the engine (under the request's
+permit), preprocesses in a bounded thread pool (app/pipeline/preprocessing.py), hands the patch
+grids to the engine and turns their probabilities into top-k answers, all under one deadline
+per request. `ClassifyService.infer` does the same for the Open Inference Protocol's front
+doors, which send encoded images or ready patch grids and want the raw tensors back (logits,
+rollout maps). It knows no HTTP, and of the engine only its client protocol (app/engine).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,29 +20,18 @@ from numpy.typing import NDArray
 
 from app.core import records
 from app.core.errors import (
-    BusyError,
     InvalidInputError,
     InvalidParameterError,
-    RolloutUnavailableError,
     TooManyImagesError,
 )
 from app.core.settings import Settings
-from app.models.repository import ModelVersion
-from app.models.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec, RolloutParams
-from app.models.table import ModelTable
-from app.pipeline.batches import BatchKey
-from app.pipeline.batching import Batcher
-from app.pipeline.imaging import (
-    ResizePolicy,
-)
+from app.engine import EngineClient, EngineResult, Job, Permit, RolloutMap, ServedVersion
+from app.models.spec import ModelSpec, RolloutParams
+from app.pipeline.imaging import ResizePolicy
 from app.pipeline.postprocess import Prediction
 from app.pipeline.postprocess import top_k as top_k_of
 from app.pipeline.preprocessing import Preprocessor, Upload
-from app.pipeline.rollout import RolloutMap, RolloutResult, normalise
-
-log = logging.getLogger(__name__)
-
-BUSY_MESSAGE = "the server is overloaded (every request place is taken); retry shortly"
+from app.pipeline.rollout import RolloutResult, normalise
 
 
 @dataclass(frozen=True)
@@ -77,6 +64,7 @@ class Inference:
 
     model: str
     version: int
+    spec: ModelSpec  # what the outputs were made with (its labels among it)
     logits: NDArray[np.float32]  # (N, num_classes)
     probs: NDArray[np.float64]  # (N, num_classes): softmax(logits), from the inference thread
     grids: list[tuple[int, int]]  # (grid_h, grid_w) per image
@@ -84,78 +72,26 @@ class Inference:
     timing: Timing
 
 
-def _rollout_of(rollout: RolloutMap | None) -> RolloutMap:
-    if rollout is None:  # the batcher answers every rollout key with a map
-        raise RuntimeError("a rollout request was answered without a rollout map")
-    return normalise(rollout)
-
-
 class ClassifyService:
-    def __init__(self, settings: Settings, models: ModelTable) -> None:
+    def __init__(self, settings: Settings, engine: EngineClient) -> None:
         self.settings = settings
-        self.models = models
-        self.batcher = Batcher(
-            models.lanes(),
-            rollout_backends=models.rollout_backends(),
-            max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.batch_tokens(gpu=models.on_gpu),
-            max_queue_images=settings.max_queue_images,
-            max_queue_delay_ms=settings.max_queue_delay_ms,
-            worker_nice=settings.worker_nice,
-        )
-        models.bind(self.batcher)
+        self.engine = engine
         self.preprocessor = Preprocessor(settings)
-        self._admitted = 0  # requests between admission and answer
-        self._ready = False
 
-    @property
-    def ready(self) -> bool:
-        return self._ready
-
-    @property
-    def serving(self) -> bool:
-        """At least one model version can answer."""
-        return self.models.serving
-
-    def start(self) -> None:
-        self.batcher.start()
-        self.models.start()
-        self._ready = True
-
-    async def stop(self) -> None:
-        self._ready = False
-        await self.models.stop()
-        await self.batcher.stop(self.settings.drain_timeout_s)
+    def stop(self) -> None:
         self.preprocessor.shutdown()
 
-    @property
-    def busy(self) -> bool:
-        """Every request place is taken: a new request would be refused (see `admission`)."""
-        return self._admitted >= self.settings.request_places()
-
-    @contextlib.contextmanager
-    def admission(self) -> Iterator[None]:
-        """Hold a request place from before the body is read until the answer; refused at once
-        (BusyError) when none is free.
-
-        There are as many places as images can wait in the queue plus run in batches: each
-        request has at least one image, so more requests than that could not all be served. A
-        refusal here costs no body read, decode or queueing: under overload the event loop
-        spends its CPU on refusing quickly, not on reading bodies it would refuse later.
-        """
-        if self.busy:
-            raise BusyError(BUSY_MESSAGE)
-        self._admitted += 1
-        try:
-            yield
-        finally:
-            self._admitted -= 1
-
-    def fit_max_tokens(self, spec: ModelSpec) -> int:
-        return self.preprocessor.fit_max_tokens(spec)
+    def _deadline(self, timeout_ms: float | None, arrived: float | None) -> float:
+        """The request's deadline on time.monotonic(), counted from `arrived` (the same clock;
+        default: now), so the time its body took to arrive is part of it."""
+        timeout_s = self.settings.request_timeout_s
+        if timeout_ms is not None:
+            timeout_s = min(timeout_s, timeout_ms / 1e3)
+        return (time.monotonic() if arrived is None else arrived) + timeout_s
 
     async def classify(
         self,
+        permit: Permit,
         uploads: Sequence[Upload],
         *,
         model: str | None = None,
@@ -170,35 +106,69 @@ class ClassifyService:
         """`rollout`: run the rollout graph and add each image's map; `heatmap`: and draw it.
 
         `timeout_ms`: the client's own deadline; it can only lower the server's. `arrived`: when
-        the request came in, on the event loop's clock (default: now); the deadline counts from
-        it, so the time its body took to arrive is part of it.
+        the request came in, on time.monotonic().
         """
         deadline = self._deadline(timeout_ms, arrived)
         started = time.perf_counter()
-        target = self.models.repository.resolve(model, version)
+        # Held under the permit until the answer is made: a reload releases it only after.
+        target = self.engine.resolve(permit, model, version, rollout)
         records.note_model(target.name)
-        # Held until the answer is made: a reload releases a version's sessions only after.
-        with self.models.holding(target.key):
-            return await self._classify(
-                target, uploads, top_k, resize, rollout, heatmap, deadline, started
+        k = self._top_k(top_k, target.spec)
+        self._check_count(len(uploads))
+        prepared = await self.preprocessor.prepare_all(
+            uploads, target.spec, resize, _loop_deadline(deadline)
+        )
+        preprocessed = time.perf_counter()
+        records.note_preprocessed(len(prepared), preprocessed - started)
+        result = await self.engine.infer(
+            permit, Job([p.patches for p in prepared], rollout, deadline)
+        )
+        inferred = time.perf_counter()
+        outputs = result.outputs
+        rollouts: Sequence[RolloutResult | None] = [None] * len(prepared)
+        if rollout is not None:
+            maps = _rollouts_of(result)
+            pngs: Sequence[str | None] = [None] * len(prepared)
+            if heatmap:
+                pngs = await self.preprocessor.draw_heatmaps(
+                    uploads, prepared, maps, result.spec, resize, _loop_deadline(deadline)
+                )
+            rollouts = [
+                RolloutResult(heat.tolist(), rollout.head_fusion, rollout.discard_ratio, png)
+                for heat, png in zip(maps, pngs, strict=True)
+            ]
+        results = [
+            ImageResult(
+                predictions=top_k_of(output.probs, k, result.spec.labels),
+                image_size=p.image_size,
+                grid=p.grid,
+                resize=resize,
+                rollout=rollout_result,
             )
-
-    def _deadline(self, timeout_ms: float | None, arrived: float | None) -> float:
-        timeout_s = self.settings.request_timeout_s
-        if timeout_ms is not None:
-            timeout_s = min(timeout_s, timeout_ms / 1e3)
-        # Deadlines run on the loop's clock; timings on perf_counter (uvloop's clock ticks in ms).
-        loop = asyncio.get_running_loop()
-        return (loop.time() if arrived is None else arrived) + timeout_s
+            for p, output, rollout_result in zip(prepared, outputs, rollouts, strict=True)
+        ]
+        done = time.perf_counter()
+        return Classification(
+            model=result.name,
+            version=result.version,
+            results=results,
+            timing=Timing(
+                preprocess_ms=round((preprocessed - started) * 1e3, 3),
+                inference_ms=round((inferred - preprocessed) * 1e3, 3),
+                total_ms=round((done - started) * 1e3, 3),
+            ),
+        )
 
     async def infer(
         self,
+        permit: Permit,
         images: Sequence[Upload] | NDArray[np.uint8],
         *,
         model: str | None = None,
         version: int | None = None,
         resize: ResizePolicy = "crop",
         rollout: RolloutParams | None = None,
+        one_grid: bool = False,
         timeout_ms: float | None = None,
         arrived: float | None = None,
     ) -> Inference:
@@ -206,55 +176,54 @@ class ClassifyService:
         already made, uint8 (N, grid_h, grid_w, P*P*C) as the graph takes them, through the same
         queue, batcher and deadline as `classify`; the raw logits (and rollout maps) back.
 
-        The caller holds a place from `admission`, as for `classify`.
+        `one_grid`: the answer must stack every image's rollout map into one tensor, so images
+        of different grids are refused, before inference (InvalidInputError).
         """
         deadline = self._deadline(timeout_ms, arrived)
         started = time.perf_counter()
-        target = self.models.repository.resolve(model, version)
+        target = self.engine.resolve(permit, model, version, rollout)
         records.note_model(target.name)
-        with self.models.holding(target.key):
-            if rollout is not None:
-                self._check_rollout(target, rollout)
-            if isinstance(images, np.ndarray):
-                grids = self._check_patches(images, target)
-                patches: Sequence[NDArray[np.uint8]] = list(images)
-                record = records.current_request()
-                if record is not None:
-                    record.images = len(patches)
-            else:
-                self._check_count(len(images))
-                if not images:
-                    raise InvalidInputError("the request holds no image")
-                prepared = await self.preprocessor.prepare_all(
-                    images, target.spec, resize, deadline
-                )
-                records.note_preprocessed(len(prepared), time.perf_counter() - started)
-                grids = [p.grid for p in prepared]
-                patches = [p.patches for p in prepared]
-            preprocessed = time.perf_counter()
-            outputs = await self.batcher.infer(
-                [
-                    (BatchKey(target.name, target.version, grid, rollout), p)
-                    for grid, p in zip(grids, patches, strict=True)
-                ],
-                deadline,
+        if isinstance(images, np.ndarray):
+            grids = self._check_patches(images, target)
+            patches: Sequence[NDArray[np.uint8]] = list(images)
+            record = records.current_request()
+            if record is not None:
+                record.images = len(patches)
+        else:
+            self._check_count(len(images))
+            if not images:
+                raise InvalidInputError("the request holds no image")
+            prepared = await self.preprocessor.prepare_all(
+                images, target.spec, resize, _loop_deadline(deadline)
             )
-            inferred = time.perf_counter()
-            return Inference(
-                model=target.name,
-                version=target.version,
-                logits=np.stack([output.logits for output in outputs]).astype(np.float32),
-                probs=np.stack([output.probs for output in outputs]),
-                grids=grids,
-                rollouts=(
-                    None if rollout is None else [_rollout_of(output.rollout) for output in outputs]
-                ),
-                timing=Timing(
-                    preprocess_ms=round((preprocessed - started) * 1e3, 3),
-                    inference_ms=round((inferred - preprocessed) * 1e3, 3),
-                    total_ms=round((inferred - started) * 1e3, 3),
-                ),
+            records.note_preprocessed(len(prepared), time.perf_counter() - started)
+            grids = [p.grid for p in prepared]
+            patches = [p.patches for p in prepared]
+        if one_grid and len(set(grids)) > 1:
+            raise InvalidInputError(
+                "the images of this request have different grids ("
+                + ", ".join(f"{h}x{w}" for h, w in grids)
+                + "), so their rollout maps make no single tensor: send them in separate "
+                "requests, or with resize=crop"
             )
+        preprocessed = time.perf_counter()
+        result = await self.engine.infer(permit, Job(patches, rollout, deadline))
+        inferred = time.perf_counter()
+        outputs = result.outputs
+        return Inference(
+            model=result.name,
+            version=result.version,
+            spec=result.spec,
+            logits=np.stack([output.logits for output in outputs]).astype(np.float32),
+            probs=np.stack([output.probs for output in outputs]),
+            grids=grids,
+            rollouts=None if rollout is None else _rollouts_of(result),
+            timing=Timing(
+                preprocess_ms=round((preprocessed - started) * 1e3, 3),
+                inference_ms=round((inferred - preprocessed) * 1e3, 3),
+                total_ms=round((inferred - started) * 1e3, 3),
+            ),
+        )
 
     def _check_count(self, images: int) -> None:
         if images > self.settings.images_per_request_max:
@@ -264,7 +233,7 @@ class ClassifyService:
             )
 
     def _check_patches(
-        self, patches: NDArray[np.uint8], target: ModelVersion
+        self, patches: NDArray[np.uint8], target: ServedVersion
     ) -> list[tuple[int, int]]:
         """The grid of each image of a patches tensor, or why the model cannot take it."""
         arch = target.spec.architecture
@@ -284,84 +253,13 @@ class ClassifyService:
         if count == 0 or grid_h == 0 or grid_w == 0:
             raise InvalidInputError(f"patches of shape {shape} hold no image")
         self._check_count(count)
-        limit = self.fit_max_tokens(target.spec)
+        limit = target.max_tokens
         if grid_h * grid_w > limit:
             raise InvalidInputError(
                 f"a grid of {grid_h}x{grid_w} patches is over model '{target.name}''s limit of "
                 f"{limit} patches per image (native {arch.grid[0]}x{arch.grid[1]})"
             )
         return [(grid_h, grid_w)] * count
-
-    async def _classify(
-        self,
-        target: ModelVersion,
-        uploads: Sequence[Upload],
-        top_k: int | None,
-        resize: ResizePolicy,
-        rollout: RolloutParams | None,
-        heatmap: bool,
-        deadline: float,
-        started: float,
-    ) -> Classification:
-        k = self._top_k(top_k, target.spec)
-        if rollout is not None:
-            self._check_rollout(target, rollout)
-        self._check_count(len(uploads))
-        prepared = await self.preprocessor.prepare_all(uploads, target.spec, resize, deadline)
-        preprocessed = time.perf_counter()
-        records.note_preprocessed(len(prepared), preprocessed - started)
-        outputs = await self.batcher.infer(
-            [(BatchKey(target.name, target.version, p.grid, rollout), p.patches) for p in prepared],
-            deadline,
-        )
-        inferred = time.perf_counter()
-        rollouts: Sequence[RolloutResult | None] = [None] * len(prepared)
-        if rollout is not None:
-            maps = [_rollout_of(output.rollout) for output in outputs]
-            pngs: Sequence[str | None] = [None] * len(prepared)
-            if heatmap:
-                pngs = await self.preprocessor.draw_heatmaps(
-                    uploads, prepared, maps, target.spec, resize, deadline
-                )
-            rollouts = [
-                RolloutResult(heat.tolist(), rollout.head_fusion, rollout.discard_ratio, png)
-                for heat, png in zip(maps, pngs, strict=True)
-            ]
-        results = [
-            ImageResult(
-                predictions=top_k_of(output.probs, k, target.spec.labels),
-                image_size=p.image_size,
-                grid=p.grid,
-                resize=resize,
-                rollout=rollout_result,
-            )
-            for p, output, rollout_result in zip(prepared, outputs, rollouts, strict=True)
-        ]
-        done = time.perf_counter()
-        return Classification(
-            model=target.name,
-            version=target.version,
-            results=results,
-            timing=Timing(
-                preprocess_ms=round((preprocessed - started) * 1e3, 3),
-                inference_ms=round((inferred - preprocessed) * 1e3, 3),
-                total_ms=round((done - started) * 1e3, 3),
-            ),
-        )
-
-    def _check_rollout(self, target: ModelVersion, params: RolloutParams) -> None:
-        if not self.models.has_rollout(target.key):
-            raise RolloutUnavailableError(
-                f"model '{target.name}' version {target.version} has no rollout graph "
-                f"({ROLLOUT_GRAPH_FILENAME}), so it cannot give rollout maps: re-export it with "
-                "`python -m export` (which writes both graphs), or ask without rollout"
-            )
-        contract = target.spec.rollout
-        if contract is not None and params.head_fusion not in contract.head_fusions:
-            raise InvalidParameterError(
-                f"head_fusion '{params.head_fusion}' is not in the rollout graph of model "
-                f"'{target.name}'; it takes: {', '.join(contract.head_fusions)}"
-            )
 
     def _top_k(self, top_k: int | None, spec: ModelSpec) -> int:
         k = self.settings.top_k_default if top_k is None else top_k
@@ -370,3 +268,18 @@ class ClassifyService:
                 f"top_k must be between 1 and {self.settings.top_k_max}, got {k}"
             )
         return min(k, spec.architecture.num_classes)  # asking for more than exist is no error
+
+
+def _loop_deadline(deadline: float) -> float:
+    """A time.monotonic() deadline on the running event loop's clock (the preprocessing pool's
+    waits run on it; uvloop's clock is not time.monotonic())."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
+def _rollouts_of(result: EngineResult) -> list[RolloutMap]:
+    maps = []
+    for output in result.outputs:
+        if output.rollout is None:  # the engine answers every rollout job with maps
+            raise RuntimeError("a rollout request was answered without a rollout map")
+        maps.append(normalise(output.rollout))
+    return maps

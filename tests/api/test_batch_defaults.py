@@ -15,8 +15,8 @@ pytestmark = pytest.mark.anyio
 async def test_the_cpu_batch_budget(tiny_repo: TinyRepo, setting: int | None, budget: int) -> None:
     app = create_app(Settings(model_repo=tiny_repo.root, max_batch_tokens=setting))
     async with app.router.lifespan_context(app):
-        service = app.state.service
-        assert {provider for _, provider in service.models.versions_served()} == {
+        engine = app.state.engine
+        assert {provider for _, provider in engine.table.versions_served()} == {
             "CPUExecutionProvider"
         }
-        assert service.batcher.max_batch_tokens == budget
+        assert engine.batcher.max_batch_tokens == budget

@@ -17,7 +17,8 @@ from fastapi import FastAPI
 
 from app.core.logs import JsonFormatter, request_id_var
 from app.core.settings import Settings
-from app.http.middleware import DRAINING_MESSAGE, Lifecycle
+from app.http.frontdoor import DRAINING_MESSAGE
+from app.http.middleware import Lifecycle
 from app.main import create_app
 from app.server import DrainingServer
 from tests.fakes import FakeBackends

@@ -273,7 +273,7 @@ async def test_overload_is_503_with_retry_after(tiny_repo: TinyRepo) -> None:
             await wait_until(backends.started)
             for _ in range(2):  # queued: every place is taken
                 group.start_soon(infer, client, [patches_input(patches)])
-            await wait_until(lambda: service_of(client).busy)
+            await wait_until(lambda: service_of(client).engine.busy)
             refused = await infer(client, [patches_input(patches)])
             backends.gate.set()
         assert refused.status_code == 503

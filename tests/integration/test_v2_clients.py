@@ -182,7 +182,7 @@ def test_errors_have_the_same_message_over_both(
 
 
 def _busy(service: ClassifyService) -> bool:
-    return service.busy
+    return service.engine.busy
 
 
 def _wait(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -217,7 +217,7 @@ def test_overload_and_deadline(tiny_repo: TinyRepo) -> None:
                     "tiny", [patches(triton_grpc, grids)], client_timeout=0.3
                 )
             assert status(late.value) == "StatusCode.DEADLINE_EXCEEDED"
-            _wait(lambda: service.batcher.queued == 0)  # the server let it go
+            _wait(lambda: live.app.state.engine.queued == 0)  # the server let it go
             for module, client in clients(live):
                 pending.append(pool.submit(client.infer, "tiny", [patches(module, grids)]))
             _wait(lambda: _busy(service))

@@ -1,4 +1,4 @@
-"""Continuous batching (app.pipeline.batching) with a fake backend the test holds and releases."""
+"""Continuous batching (app.engine.batcher) with a fake backend the test holds and releases."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from app.pipeline.batches import (
+from app.engine.batcher import Batcher
+from app.engine.batches import (
     BatchKey,
     DeadlineExceededError,
     InferenceError,
@@ -18,7 +19,6 @@ from app.pipeline.batches import (
     OverloadedError,
     ShuttingDownError,
 )
-from app.pipeline.batching import Batcher
 from tests.fakes import MODEL, SQUARE, WIDE, D, GatedBackend, deadline_in, ident, image
 
 pytestmark = pytest.mark.anyio

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from app.pipeline.batches import (
+from app.engine.batcher import Batcher
+from app.engine.batches import (
     BatchingError,
     DeadlineExceededError,
     InferenceError,
@@ -15,7 +16,6 @@ from app.pipeline.batches import (
     OverloadedError,
     ShuttingDownError,
 )
-from app.pipeline.batching import Batcher
 from tests.fakes import (
     MODEL,
     SQUARE,

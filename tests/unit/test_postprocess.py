@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.pipeline.postprocess import Prediction, predictions, softmax, top_k
+from app.engine import softmax
+from app.pipeline.postprocess import Prediction, predictions, top_k
 
 LABELS = ["a", "b", "c", "d"]
 

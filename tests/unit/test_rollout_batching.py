@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from app.models.spec import RolloutParams
-from app.pipeline.batches import (
+from app.engine.batcher import Batcher
+from app.engine.batches import (
     BatchKey,
     DeadlineExceededError,
     InferenceError,
     NotServedError,
     Output,
 )
-from app.pipeline.batching import Batcher
+from app.models.spec import RolloutParams
 from tests.fakes import Calls, D, LoggedBackend, LoggedRolloutBackend, deadline_in
 
 pytestmark = pytest.mark.anyio

@@ -36,8 +36,9 @@ from app.core.errors import (
 from app.core.logs import request_id_var
 from app.core.records import RequestRecord, request_scope
 from app.core.settings import Settings
+from app.engine import LOADING_MESSAGE
 from app.http.auth import FORMS
-from app.http.errors import RETRY_AFTER_S
+from app.http.frontdoor import RETRY_AFTER_S, readiness
 from app.http.metrics import V2_GRPC, Metrics, error_reason
 from app.http.middleware import Lifecycle
 from app.http.v2 import protocol
@@ -246,8 +247,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         raise AssertionError("abort returned")  # abort always raises
 
     def _ready(self) -> ClassifyService:
-        if not self.service.ready:
-            raise NotReadyError("the models are not loaded yet or the server is stopping; retry")
+        if not self.service.engine.readiness().loaded:
+            raise NotReadyError(LOADING_MESSAGE)
         return self.service
 
     async def ServerLive(  # noqa: N802 (the protocol's method names)
@@ -262,9 +263,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
         async def ready() -> pb.ServerReadyResponse:
-            service = self.service
-            up = service.ready and service.serving and not self.lifecycle.draining
-            return pb.ServerReadyResponse(ready=up)
+            # The one readiness answer, as GET /readyz and /v2/health/ready give it.
+            answer = readiness(self.service.engine, self.lifecycle.draining)
+            return pb.ServerReadyResponse(ready=answer.ready)
 
         return await self._call("ServerReady", context, ready)
 
@@ -314,20 +315,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(  # noqa: N802
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
-        arrived = asyncio.get_running_loop().time()
+        arrived = time.monotonic()
 
         async def infer() -> pb.ModelInferResponse:
             check_key(self.settings.api_key, _metadata(context))
             service = self._ready()
             remaining = context.time_remaining()
-            with service.admission():
+            permit = service.engine.admit()
+            try:
                 parsed = parse_request(request)
                 answer = await protocol.infer(
                     service,
+                    permit,
                     parsed,
                     timeout_ms=None if remaining is None else remaining * 1e3,
                     arrived=arrived,
                 )
+            finally:
+                permit.release()
             return encode_response(answer)
 
         return await self._call("ModelInfer", context, infer)

@@ -25,9 +25,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app.core.errors import InvalidInputError
+from app.engine import ModelDescription, Permit
 from app.http.v2.tensors import BYTES
-from app.models.repository import ModelVersion, UnknownModelError
-from app.models.spec import HEAD_FUSIONS, HeadFusion, ModelSpec, RolloutParams
+from app.models.repository import ModelNotReadyError, UnknownModelError
+from app.models.spec import HEAD_FUSIONS, HeadFusion, RolloutParams
 from app.pipeline.imaging import ResizePolicy
 from app.pipeline.postprocess import top_k
 from app.pipeline.preprocessing import Upload
@@ -144,60 +145,57 @@ def _shown(text: str, limit: int = 100) -> str:
     return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
-def resolve(service: ClassifyService, model: str, version: str) -> ModelVersion:
-    """UnknownModelError (404) or ModelNotReadyError (503), as for /classify."""
-    return service.models.repository.resolve(model, parse_version(model, version))
+def _described(service: ClassifyService, model: str, version: str) -> tuple[ModelDescription, int]:
+    """The model and the version number a request names: the same 404 and 503 as /classify's
+    for what the engine does not serve."""
+    target = service.engine.lookup(model, parse_version(model, version))
+    found = service.engine.describe().model(target.name)
+    if found is None:  # removed by a reload in between
+        raise ModelNotReadyError(f"model '{_shown(model)}' is not being served; retry")
+    return found, target.version
 
 
 def model_metadata(service: ClassifyService, model: str, version: str) -> ModelMetadata:
-    target = resolve(service, model, version)
-    spec = target.spec
-    arch = spec.architecture
-    entry = service.models.repository.models[target.name]
-    rollout = target.version in service.models.rollout_versions(entry)
+    found, number = _described(service, model, version)
+    target = next(v for v in found.versions if v.version == number)
+    arch = target.spec.architecture
     outputs = [
         TensorMetadata(LOGITS, "FP32", [-1, arch.num_classes]),
         TensorMetadata(PROBABILITIES, "FP32", [-1, arch.num_classes]),
     ]
-    if rollout:
+    if target.rollout:
         outputs.append(TensorMetadata(ROLLOUT, "FP32", [-1, -1, -1]))
     return ModelMetadata(
-        name=target.name,
-        versions=[str(v) for v in sorted(entry.versions)],
+        name=found.name,
+        versions=[str(v.version) for v in found.versions],
         platform=PLATFORM,
         inputs=[
             TensorMetadata(IMAGE, BYTES, [-1]),
             TensorMetadata(PATCHES, "UINT8", [-1, -1, -1, arch.patch_dim]),
         ],
         outputs=outputs,
-        properties=_properties(service, target, spec, rollout),
+        properties={
+            "version": str(number),
+            "labels": json.dumps(target.spec.labels),
+            "patch_size": str(arch.patch_size),
+            "channels": str(arch.channels),
+            "native_grid": f"{arch.grid[0]}x{arch.grid[1]}",
+            "input_size": f"{arch.input_size[0]}x{arch.input_size[1]}",
+            "max_tokens": str(found.max_tokens),
+            "resize": "crop,fit",
+            "preprocess": target.spec.preprocess.model_dump_json(),
+            "rollout": "true" if target.rollout else "false",
+            "head_fusions": ",".join(HEAD_FUSIONS),
+            "max_batch_size": str(service.settings.images_per_request_max),
+        },
     )
 
 
-def _properties(
-    service: ClassifyService, target: ModelVersion, spec: ModelSpec, rollout: bool
-) -> dict[str, str]:
-    arch = spec.architecture
-    return {
-        "version": str(target.version),
-        "labels": json.dumps(spec.labels),
-        "patch_size": str(arch.patch_size),
-        "channels": str(arch.channels),
-        "native_grid": f"{arch.grid[0]}x{arch.grid[1]}",
-        "input_size": f"{arch.input_size[0]}x{arch.input_size[1]}",
-        "max_tokens": str(service.fit_max_tokens(spec)),
-        "resize": "crop,fit",
-        "preprocess": spec.preprocess.model_dump_json(),
-        "rollout": "true" if rollout else "false",
-        "head_fusions": ",".join(HEAD_FUSIONS),
-        "max_batch_size": str(service.settings.images_per_request_max),
-    }
-
-
 def model_ready(service: ClassifyService, model: str, version: str) -> bool:
-    """The version can take requests now (False for models that are not served)."""
-    target = resolve(service, model, version)
-    return service.ready and service.batcher.serves(target.key)
+    """The version can take requests now: served, and the engine ready (UnknownModelError or
+    ModelNotReadyError for what is not served)."""
+    _described(service, model, version)
+    return service.engine.readiness().loaded
 
 
 # --- a request's parameters ---------------------------------------------------------------------
@@ -311,28 +309,35 @@ def _images(request: InferRequest) -> Sequence[Upload] | NDArray[np.uint8]:
 
 async def infer(
     service: ClassifyService,
+    permit: Permit,
     request: InferRequest,
     *,
     timeout_ms: float | None = None,
     arrived: float | None = None,
 ) -> InferResponse:
-    """Run `request` through the service (the caller holds its admission place)."""
+    """Run `request` through the service, under the request's permit."""
     requested = _requested(request)
     params = request.parameters
     wants_rollout = any(o.name == ROLLOUT for o in requested)
     rollout = _rollout(params, wants_rollout)
     images = _images(request)
     deadlines = [t for t in (timeout_ms, timeout_param(params)) if t is not None]
+    rollout_output = next((o for o in requested if o.name == ROLLOUT), None)
+    if rollout_output is not None and rollout_output.classification:
+        raise InvalidInputError("output 'rollout' takes no 'classification' parameter")
     result = await service.infer(
+        permit,
         images,
         model=request.model,
         version=parse_version(request.model, request.version),
         resize=_resize(params),
         rollout=rollout,
+        one_grid=wants_rollout,
         timeout_ms=min(deadlines, default=None),
         arrived=arrived,
     )
-    labels = service.models.repository.models[result.model].spec.labels
+    # The labels the outputs were made with: a reload since cannot change or remove them.
+    labels = result.spec.labels
     outputs = [_output(o, result, labels) for o in requested]
     return InferResponse(
         model=result.model,
@@ -346,16 +351,7 @@ async def infer(
 def _output(requested: RequestedOutput, result: Inference, labels: list[str]) -> OutputTensor:
     name = requested.name
     if name == ROLLOUT:
-        maps = result.rollouts or []
-        if len(set(result.grids)) > 1:
-            raise InvalidInputError(
-                "the images of this request have different grids ("
-                + ", ".join(f"{h}x{w}" for h, w in result.grids)
-                + "), so their rollout maps make no single tensor: send them in separate "
-                "requests, or with resize=crop"
-            )
-        if requested.classification:
-            raise InvalidInputError("output 'rollout' takes no 'classification' parameter")
+        maps = result.rollouts or []  # of one grid: `infer` refused others before inference
         array = np.stack(maps).astype(np.float32)
         return OutputTensor(name, "FP32", list(array.shape), array=array)
     values = result.logits if name == LOGITS else result.probs.astype(np.float32)

@@ -10,21 +10,20 @@ Errors carry the same statuses and messages as /classify's, in the protocol's ow
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.requests import ClientDisconnect
 
-from app.core.errors import BusyError, InvalidInputError, NotReadyError
+from app.core.errors import BusyError, NotReadyError
 from app.core.records import current_request
+from app.engine import BUSY_MESSAGE
+from app.http import frontdoor
 from app.http.auth import API_KEY_SECURITY, check_api_key
-from app.http.deps import get_service
-from app.http.errors import RETRY_AFTER_S, STATUS_OF
+from app.http.frontdoor import get_service, header_timeout_ms
 from app.http.metrics import error_reason
-from app.http.params import TIMEOUT_HEADER
 from app.http.uploads import read_body
 from app.http.v2 import protocol
 from app.http.v2.binary import HEADER_LENGTH, decompress, encode_response, parse_request
@@ -40,7 +39,6 @@ from app.http.v2.schemas import (
     ServerReadyResponse,
 )
 from app.models.spec import MODEL_NAME_PATTERN
-from app.pipeline.service import BUSY_MESSAGE, ClassifyService
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +59,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def status_of(exc: Exception) -> int | None:
+def status_of(exc: BaseException) -> int | None:
     """The HTTP status of a known error, as /classify answers it, 422 folded into 400: the
     protocol has one status for every bad input."""
-    status = next((STATUS_OF[t] for t in type(exc).__mro__ if t in STATUS_OF), None)
+    status = frontdoor.status_of(exc)
     return 400 if status == 422 else status
 
 
@@ -79,24 +77,10 @@ def error_response(exc: Exception) -> JSONResponse:
         status, message = 500, "internal server error; the details are in the server log"
     else:
         message = getattr(exc, "message", str(exc))
-    headers: dict[str, str] = {}
-    if status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    elif status == 503:
-        headers["Retry-After"] = str(RETRY_AFTER_S)
+    response = frontdoor.error_response(status, message, "error")
     if isinstance(exc, BusyError):
-        headers["Connection"] = "close"  # the body was not read: the connection cannot go on
-    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
-
-
-def _service(request: Request) -> ClassifyService | None:
-    service = getattr(request.app.state, "service", None)
-    return service if isinstance(service, ClassifyService) and service.ready else None
-
-
-def _draining(request: Request) -> bool:
-    lifecycle = getattr(request.app.state, "lifecycle", None)
-    return bool(getattr(lifecycle, "draining", False))
+        response.headers["Connection"] = "close"  # the body was not read: it cannot go on
+    return response
 
 
 @router.get("", response_model=ServerMetadataResponse)
@@ -119,9 +103,9 @@ async def server_live() -> ServerLiveResponse:
     responses={503: {"model": ServerReadyResponse, "description": "not ready"}},
 )
 async def server_ready(request: Request) -> Response:
-    """As GET /readyz: loaded, a model serving, not draining (503 otherwise)."""
-    service = _service(request)
-    ready = service is not None and service.serving and not _draining(request)
+    """GET /readyz's answer, VIT_SERVE_REQUIRE_GPU included (503 when not ready)."""
+    engine = frontdoor.engine_of(request.app.state)
+    ready = frontdoor.readiness(engine, frontdoor.draining(request)).ready
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
@@ -203,7 +187,7 @@ async def model_ready(request: Request) -> Response:
         service = await get_service(request)
         if not protocol.model_ready(service, model_name, model_version):
             raise NotReadyError(f"model '{model_name}' is not being served; retry")
-        if _draining(request):
+        if frontdoor.draining(request):
             raise NotReadyError("the server is shutting down")
     except Exception as exc:
         return error_response(exc)
@@ -241,15 +225,17 @@ _INFER_BODY: dict[str, Any] = {
     openapi_extra={**_INFER_BODY, **_MODEL_VERSION, "security": API_KEY_SECURITY},
 )
 async def infer(request: Request) -> Response:
-    arrived = asyncio.get_running_loop().time()
+    arrived = time.monotonic()
     model_name, model_version = _target(request)
     try:
         check_api_key(request)
         service = await get_service(request)
-        header_timeout = _header_timeout_ms(request)
-        if service.busy:
-            return await _refuse_busy(request, service)
-        with service.admission():
+        header_timeout = header_timeout_ms(request)
+        try:
+            permit = service.engine.admit()
+        except BusyError:
+            return await frontdoor.refuse(request, 503, BUSY_MESSAGE, "error")
+        try:
             settings = service.settings
             body = await read_body(request, settings.upload_max_bytes, settings.body_read_timeout_s)
             body = decompress(
@@ -259,8 +245,10 @@ async def infer(request: Request) -> Response:
                 body, request.headers.get(HEADER_LENGTH), model_name, model_version
             )
             answer = await protocol.infer(
-                service, parsed, timeout_ms=header_timeout, arrived=arrived
+                service, permit, parsed, timeout_ms=header_timeout, arrived=arrived
             )
+        finally:
+            permit.release()
         content, json_length = encode_response(answer, parsed.parameters)
     except Exception as exc:
         return error_response(exc)
@@ -271,37 +259,3 @@ async def infer(request: Request) -> Response:
         media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(json_length)},
     )
-
-
-async def _refuse_busy(request: Request, service: ClassifyService) -> Response:
-    """503 for a request that finds every place taken, as the middleware refuses /classify's:
-    its body read and dropped (bounded in size and time) so that the connection can carry the
-    client's retry; closed when the body is too large or too slow."""
-    settings = service.settings
-    response = error_response(BusyError(BUSY_MESSAGE))
-    received = 0
-    try:
-        async with asyncio.timeout(settings.body_read_timeout_s):
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > settings.upload_max_bytes:
-                    return response  # with Connection: close
-    except (TimeoutError, ClientDisconnect):
-        return response
-    del response.headers["connection"]
-    return response
-
-
-def _header_timeout_ms(request: Request) -> float | None:
-    value = request.headers.get(TIMEOUT_HEADER)
-    if value is None:
-        return None
-    try:
-        timeout = float(value)
-    except ValueError:
-        timeout = float("nan")
-    if not timeout > 0 or timeout == float("inf"):
-        raise InvalidInputError(
-            f"header '{TIMEOUT_HEADER}': a positive number of milliseconds, got {value[:40]!r}"
-        )
-    return timeout

@@ -9,14 +9,23 @@ from typing import Literal, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from app.core.errors import ErrorKind, ServiceError
 from app.models.runtime import Backend, RolloutBackend
 from app.models.spec import RolloutParams
-from app.pipeline.postprocess import softmax
-from app.pipeline.rollout import RolloutMap
 
 Logits = NDArray[np.float32]
 Patches = NDArray[np.uint8]
 Probs = NDArray[np.float64]
+RolloutMap = NDArray[np.float32]  # (grid_h, grid_w)
+
+
+def softmax(logits: NDArray[np.floating]) -> NDArray[np.float64]:
+    """Softmax over the last axis, in float64 and shifted by the max so exp never overflows.
+    Each row of a batch is bit for bit the softmax of that row alone (a test holds it)."""
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return np.asarray(e / e.sum(axis=-1, keepdims=True), dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -30,28 +39,33 @@ class Output:
     rollout: RolloutMap | None = None  # (grid_h, grid_w), for rollout keys only
 
 
-class BatchingError(Exception):
+class BatchingError(ServiceError):
     """An item could not be answered with logits; `message` says why, for a person."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    kind = ErrorKind.UNAVAILABLE
 
 
 class OverloadedError(BatchingError):
     """The queue is full: refused at once rather than queued past any useful deadline."""
 
+    kind = ErrorKind.SHED
+
 
 class DeadlineExceededError(BatchingError):
     """Still waiting for the inference thread when the request's deadline came."""
+
+    kind = ErrorKind.DEADLINE
 
 
 class ShuttingDownError(BatchingError):
     """The batcher is stopping and takes no new work."""
 
+    kind = ErrorKind.SHED
+
 
 class InferenceError(BatchingError):
-    """The backend failed on the batch this item was in."""
+    """The backend failed on the batch this item was in (the server's fault, but one a client
+    can route around: retry)."""
 
 
 class NotServedError(BatchingError):

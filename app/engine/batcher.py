@@ -34,9 +34,7 @@ from numpy.typing import NDArray
 
 from app.core.priority import start_worker
 from app.core.threads import INFERENCE
-from app.models.repository import VersionKey
-from app.models.runtime import Backend, RolloutBackend
-from app.pipeline.batches import (
+from app.engine.batches import (
     BatchKey,
     DeadlineExceededError,
     InferenceError,
@@ -49,6 +47,8 @@ from app.pipeline.batches import (
     run_plain,
     run_rollout,
 )
+from app.models.repository import VersionKey
+from app.models.runtime import Backend, RolloutBackend
 
 log = logging.getLogger(__name__)
 

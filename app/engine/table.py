@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from app.core.settings import Settings
+from app.engine.reload import plan_reload
 from app.models.providers import GPU_PROVIDERS, Placement
-from app.models.reload import plan_reload
 from app.models.repository import (
     ModelEntry,
     ModelVersion,
@@ -181,15 +181,17 @@ class ModelTable:
     def has_rollout(self, key: VersionKey) -> bool:
         return self._sessions[key].rollout is not None
 
-    @contextlib.contextmanager
-    def holding(self, key: VersionKey) -> Iterator[None]:
-        """Count a request as using `key` until it has its answer: a reload releases a
-        version's sessions only after its last request."""
+    def hold(self, key: VersionKey) -> None:
+        """Count a request as using `key` until `release`: a reload releases a version's
+        sessions only after its last request."""
         self._in_use[key] += 1
-        try:
-            yield
-        finally:
-            self._in_use[key] -= 1
+
+    def release(self, key: VersionKey) -> None:
+        self._in_use[key] -= 1
+
+    def placement_of(self, key: VersionKey) -> Placement:
+        """Where a served version's plain graph runs."""
+        return self._sessions[key].placement
 
     # --- lifecycle ---------------------------------------------------------------------------
 

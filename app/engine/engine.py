@@ -1,0 +1,369 @@
+"""The engine: the one owner of what is served, behind the protocol every front door uses.
+
+`Engine` holds the model table (repository snapshot, sessions, reload, drain, in-use counts,
+broken versions) and the batcher that runs them, and admits requests. The doors see only
+`EngineClient`: `admit()` gives a `Permit`, a value `resolve` and `infer` require, released
+once when the answer is made; `resolve` holds a model version under the permit, so a reload
+releases it only after; `infer` takes patch grids and gives back each image's logits,
+probabilities and rollout map with the spec and labels they were made with; `readiness()` is
+the one answer every door gives; `describe()` is what /models and the V2 metadata show. Every
+argument and result is plain data (arrays, frozen dataclasses, pydantic models): nothing here
+knows HTTP, and nothing would stop the engine from running in another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from app.core.errors import (
+    BusyError,
+    InvalidInputError,
+    InvalidParameterError,
+    NotReadyError,
+    RolloutUnavailableError,
+)
+from app.core.settings import Settings
+from app.engine.batcher import Batcher, BatchObserver
+from app.engine.batches import BatchKey, Output
+from app.engine.table import ModelTable, ReloadReport
+from app.models.providers import Placement, graph_form
+from app.models.repository import Unavailable, VersionKey
+from app.models.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec, OptimizationLevel, RolloutParams
+
+BUSY_MESSAGE = "the server is overloaded (every request place is taken); retry shortly"
+LOADING_MESSAGE = "the models are not loaded yet or the server is stopping; retry"
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether this replica should take traffic, and why not (the 503's message)."""
+
+    ready: bool
+    reason: str | None = None
+    loaded: bool = True  # the models are loaded and the engine started (it may still be unready)
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """The model version a request resolved to, held under its permit."""
+
+    name: str
+    version: int
+    spec: ModelSpec
+    rollout: bool  # it has a rollout graph
+    max_tokens: int  # patches per image it takes (the `fit` policy's cap)
+
+    @property
+    def key(self) -> VersionKey:
+        return (self.name, self.version)
+
+
+@dataclass(frozen=True)
+class VersionDescription:
+    version: int
+    spec: ModelSpec
+    placement: Placement  # where its plain graph runs
+    rollout: bool
+    form: OptimizationLevel  # model.onnx's form: none, fused, fp16, int8
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    name: str
+    default_version: int
+    versions: tuple[VersionDescription, ...]  # by version
+    max_tokens: int
+
+    @property
+    def default(self) -> VersionDescription:
+        return next(v for v in self.versions if v.version == self.default_version)
+
+
+@dataclass(frozen=True)
+class Description:
+    """What is served now: the models (by name), what cannot serve and why."""
+
+    default_model: str | None
+    models: tuple[ModelDescription, ...]
+    not_ready: tuple[Unavailable, ...]
+    replica_not_ready: str | None  # VIT_SERVE_REQUIRE_GPU unmet: why the replica is out
+
+    def model(self, name: str) -> ModelDescription | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A request's images as the graph takes them, under one deadline (time.monotonic(), the
+    system-wide clock, so a deadline means the same on either side of a process boundary)."""
+
+    patches: Sequence[NDArray[np.uint8]]  # each (grid_h, grid_w, P*P*C)
+    rollout: RolloutParams | None
+    deadline: float
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """A job's outputs, in the order of its images, with the spec they were made with."""
+
+    name: str
+    version: int
+    spec: ModelSpec
+    outputs: Sequence[Output]
+
+
+class Permit:
+    """One request place: from `admit()` until `release()`, which frees it (once; later calls
+    do nothing) and the model version it holds. `resolve` and `infer` take nothing else."""
+
+    __slots__ = ("_engine", "held", "released")
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.held: ServedVersion | None = None
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._engine._release(self)
+
+
+class EngineClient(Protocol):
+    """All a front door may ask of the engine."""
+
+    @property
+    def busy(self) -> bool:
+        """Every request place is taken: `admit()` would refuse."""
+        ...
+
+    def admit(self) -> Permit: ...
+
+    def resolve(
+        self,
+        permit: Permit,
+        model: str | None,
+        version: int | None,
+        rollout: RolloutParams | None = None,
+    ) -> ServedVersion: ...
+
+    def lookup(self, model: str | None, version: int | None) -> ServedVersion: ...
+
+    async def infer(self, permit: Permit, job: Job) -> EngineResult: ...
+
+    def readiness(self) -> Readiness: ...
+
+    def describe(self) -> Description: ...
+
+    async def reload(self) -> ReloadReport: ...
+
+
+class Engine:
+    def __init__(self, settings: Settings, table: ModelTable) -> None:
+        self.settings = settings
+        self.table = table
+        self.batcher = Batcher(
+            table.lanes(),
+            rollout_backends=table.rollout_backends(),
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.batch_tokens(gpu=table.on_gpu),
+            max_queue_images=settings.max_queue_images,
+            max_queue_delay_ms=settings.max_queue_delay_ms,
+            worker_nice=settings.worker_nice,
+        )
+        table.bind(self.batcher)
+        self._admitted = 0  # permits not yet released
+        self._started = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.batcher.start()
+        self.table.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        self._started = False
+        await self.table.stop()
+        await self.batcher.stop(self.settings.drain_timeout_s)
+
+    def observe(self, observer: BatchObserver) -> None:
+        """Told of every batch that ran (the metrics)."""
+        self.batcher.observer = observer
+
+    @property
+    def queued(self) -> int:
+        return self.batcher.queued
+
+    @property
+    def queue_capacity(self) -> int:
+        return self.batcher.max_queue_images
+
+    # --- admission ---------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._admitted >= self.settings.request_places()
+
+    def admit(self) -> Permit:
+        """A request place, from before its body is read until its answer; BusyError at once
+        when none is free.
+
+        There are as many places as images can wait in the queue plus run in batches: each
+        request has at least one image, so more requests than that could not all be served. A
+        refusal here costs no body read, decode or queueing: under overload the event loop
+        spends its CPU on refusing quickly, not on reading bodies it would refuse later.
+        """
+        if not self._started:
+            raise NotReadyError(LOADING_MESSAGE)
+        if self.busy:
+            raise BusyError(BUSY_MESSAGE)
+        self._admitted += 1
+        return Permit(self)
+
+    def _release(self, permit: Permit) -> None:
+        self._admitted -= 1
+        if permit.held is not None:
+            self.table.release(permit.held.key)
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def max_tokens(self, spec: ModelSpec) -> int:
+        return self.settings.fit_max_tokens or 2 * spec.architecture.native_tokens
+
+    def resolve(
+        self,
+        permit: Permit,
+        model: str | None,
+        version: int | None,
+        rollout: RolloutParams | None = None,
+    ) -> ServedVersion:
+        """The version a request asks for, held under `permit` until it is released:
+        UnknownModelError (404), ModelNotReadyError (503); with `rollout`, why this version
+        cannot give maps (RolloutUnavailableError, InvalidParameterError)."""
+        _check_permit(permit)
+        if permit.held is not None:
+            raise RuntimeError("this permit holds a model version already")
+        served = self.lookup(model, version)
+        if rollout is not None:
+            _check_rollout(served, rollout)
+        self.table.hold(served.key)
+        permit.held = served
+        return served
+
+    def lookup(self, model: str | None, version: int | None) -> ServedVersion:
+        """The version a name and number mean now, held by nothing (metadata, probes):
+        UnknownModelError (404), ModelNotReadyError (503)."""
+        target = self.table.repository.resolve(model, version)
+        return ServedVersion(
+            name=target.name,
+            version=target.version,
+            spec=target.spec,
+            rollout=self.table.has_rollout(target.key),
+            max_tokens=self.max_tokens(target.spec),
+        )
+
+    async def infer(self, permit: Permit, job: Job) -> EngineResult:
+        """Run a job on the version `permit` holds, through the queue and the batcher."""
+        _check_permit(permit)
+        served = permit.held
+        if served is None:
+            raise RuntimeError("infer before resolve: the permit holds no model version")
+        patch_dim = served.spec.architecture.patch_dim
+        for patches in job.patches:
+            if patches.ndim != 3 or patches.shape[2] != patch_dim or patches.dtype != np.uint8:
+                raise InvalidInputError(
+                    f"patches of shape {list(patches.shape)} ({patches.dtype}): model "
+                    f"'{served.name}' takes uint8 [grid_h, grid_w, {patch_dim}] per image"
+                )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (job.deadline - time.monotonic())
+        outputs = await self.batcher.infer(
+            [
+                (BatchKey(served.name, served.version, (p.shape[0], p.shape[1]), job.rollout), p)
+                for p in job.patches
+            ],
+            deadline,
+        )
+        return EngineResult(served.name, served.version, served.spec, outputs)
+
+    # --- what is served ----------------------------------------------------------------------
+
+    def readiness(self) -> Readiness:
+        """Loaded and warmed up, at least one model version serving, and, with
+        VIT_SERVE_REQUIRE_GPU, every version's sessions on a GPU.
+
+        A model that cannot serve does not take the replica out of its load balancer: the
+        others still serve, and `describe()` says what is not ready and why.
+        """
+        if not self._started:
+            return Readiness(False, LOADING_MESSAGE, loaded=False)
+        reason = self.table.not_ready_reason
+        if reason is not None:
+            return Readiness(False, f"VIT_SERVE_REQUIRE_GPU is set and {reason}")
+        if not self.table.serving:
+            return Readiness(
+                False,
+                "no model can be served; GET /models lists each one's reason"
+                if self.table.repository.unavailable
+                else "the model repository is empty: add a model and reload",
+            )
+        return Readiness(True)
+
+    def describe(self) -> Description:
+        repository = self.table.repository
+        models = []
+        for name, entry in sorted(repository.models.items()):
+            rollout = set(self.table.rollout_versions(entry))
+            versions = tuple(
+                VersionDescription(
+                    version=number,
+                    spec=mv.spec,
+                    placement=self.table.placement_of(mv.key),
+                    rollout=number in rollout,
+                    form=graph_form(mv.spec, number),
+                )
+                for number, mv in sorted(entry.versions.items())
+            )
+            models.append(
+                ModelDescription(name, entry.default_version, versions, self.max_tokens(entry.spec))
+            )
+        not_ready = tuple(
+            u
+            for _, u in sorted(
+                repository.unavailable.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)
+            )
+        )
+        return Description(
+            repository.default_model, tuple(models), not_ready, self.table.not_ready_reason
+        )
+
+    async def reload(self) -> ReloadReport:
+        return await self.table.reload()
+
+
+def _check_permit(permit: Permit) -> None:
+    if permit.released:
+        raise RuntimeError("this permit was released: admit the request again")
+
+
+def _check_rollout(served: ServedVersion, params: RolloutParams) -> None:
+    if not served.rollout:
+        raise RolloutUnavailableError(
+            f"model '{served.name}' version {served.version} has no rollout graph "
+            f"({ROLLOUT_GRAPH_FILENAME}), so it cannot give rollout maps: re-export it with "
+            "`python -m export` (which writes both graphs), or ask without rollout"
+        )
+    contract = served.spec.rollout
+    if contract is not None and params.head_fusion not in contract.head_fusions:
+        raise InvalidParameterError(
+            f"head_fusion '{params.head_fusion}' is not in the rollout graph of model "
+            f"'{served.name}'; it takes: {', '.join(contract.head_fusions)}"
+        )
