@@ -72,13 +72,15 @@ class Live:
 
 
 @contextlib.contextmanager
-def live_server(settings: Settings, backend_factory: Any = None) -> Iterator[Live]:
+def live_server(
+    settings: Settings, backend_factory: Any = None, rollout_factory: Any = None
+) -> Iterator[Live]:
     """The app on real sockets: uvicorn (HTTP) in a thread of its own, its event loop serving
     gRPC too (on a free port unless `settings` names one)."""
     port = free_port()
     if settings.grpc_port is None:
         settings = settings.model_copy(update={"grpc_port": 0})
-    app = create_app(settings, backend_factory=backend_factory)
+    app = create_app(settings, backend_factory=backend_factory, rollout_factory=rollout_factory)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
