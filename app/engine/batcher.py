@@ -104,13 +104,14 @@ class Batcher:
         """
         if not lanes:
             raise ValueError("a batcher needs at least one runtime instance")
-        # Copies: `install` and `uninstall` change what is served while the batcher runs.
-        self._lanes: list[dict[VersionKey, Backend]] = [dict(lane) for lane in lanes]
+        # Not copies: the model table's live views, so what it serves is what runs (a reload
+        # changes them in place; each batch reads its backend as it starts).
+        self._lanes: list[Mapping[VersionKey, Backend]] = list(lanes)
         self._backends = self._lanes[0]
         if any(lane.keys() != self._backends.keys() for lane in self._lanes):
             raise ValueError("every runtime instance must serve the same model versions")
         self.max_queue_delay_s = max_queue_delay_ms / 1e3
-        self._rollout_backends = dict(rollout_backends or {})
+        self._rollout_backends: Mapping[VersionKey, RolloutBackend] = rollout_backends or {}
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_images = max_queue_images
@@ -147,37 +148,6 @@ class Batcher:
     def instances(self) -> int:
         """Runtime instances (lanes), each with its own thread."""
         return len(self._lanes)
-
-    def install(
-        self,
-        version: VersionKey,
-        lanes: Sequence[Backend],
-        rollout: RolloutBackend | None = None,
-    ) -> None:
-        """Serve `version` from now on with one backend per lane (replacing any it had).
-
-        A batch already running keeps the backend it started with; the next one takes these.
-        """
-        if len(lanes) != len(self._lanes):
-            raise ValueError(f"{len(lanes)} backends for {len(self._lanes)} runtime instances")
-        for lane, backend in zip(self._lanes, lanes, strict=True):
-            lane[version] = backend
-        if rollout is None:
-            self._rollout_backends.pop(version, None)
-        else:
-            self._rollout_backends[version] = rollout
-
-    def uninstall(self, version: VersionKey) -> None:
-        """Stop serving `version`; its queued items are answered NotServedError. Callers wait
-        for its requests to drain first, so normally none are left."""
-        for lane in self._lanes:
-            lane.pop(version, None)
-        self._rollout_backends.pop(version, None)
-        for key, queue in list(self._queues.items()):
-            if (key.model, key.version) == version:
-                for item in queue:
-                    if item.state is _State.QUEUED:
-                        _answer(item, not_served(key))
 
     def serves(self, version: VersionKey) -> bool:
         return version in self._backends
@@ -350,7 +320,7 @@ class Batcher:
         plain = self._lanes[lane].get(version)
         rollout = self._rollout_backends.get(version)
         if plain is None or (key.rollout is not None and rollout is None):
-            for item in batch:  # uninstalled while queued: `uninstall` normally answers these
+            for item in batch:  # its version left the table while it was queued
                 _answer(item, not_served(key))
             return
         if key.rollout is None:

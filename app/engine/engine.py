@@ -178,7 +178,6 @@ class Engine:
             max_queue_delay_ms=settings.max_queue_delay_ms,
             worker_nice=settings.worker_nice,
         )
-        table.bind(self.batcher)
         self._admitted = 0  # permits not yet released
         self._started = False
 

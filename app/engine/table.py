@@ -2,8 +2,9 @@
 
 It holds the repository snapshot that requests resolve against, each served version's sessions,
 and how many requests hold each version; reloads (asked for, or by the poller) and versions that
-keep failing change it. What runs the sessions (the batcher) is told through `SessionSink`, so
-this layer knows nothing of batching or HTTP.
+keep failing change it. It is the one place that says what is served: the batcher reads each
+version's backends through `lanes()` and `rollout_backends()`, live views of the table's own
+sessions, so nothing is kept in step by hand. It knows nothing of batching or HTTP.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 from app.core.settings import Settings
 from app.engine.reload import plan_reload
@@ -44,14 +44,40 @@ from app.models.sessions import (
 log = logging.getLogger(__name__)
 
 
-class SessionSink(Protocol):
-    """What runs the sessions (the batcher): told when a version's sessions change."""
+class _LaneView(Mapping[VersionKey, Backend]):
+    """One runtime instance's plain backend of every served version, read from the table."""
 
-    def install(
-        self, version: VersionKey, lanes: Sequence[Backend], rollout: RolloutBackend | None = None
-    ) -> None: ...
+    def __init__(self, sessions: dict[VersionKey, Sessions], lane: int) -> None:
+        self._sessions = sessions
+        self._lane = lane
 
-    def uninstall(self, version: VersionKey) -> None: ...
+    def __getitem__(self, key: VersionKey) -> Backend:
+        return self._sessions[key].lanes[self._lane]
+
+    def __iter__(self) -> Iterator[VersionKey]:
+        return iter(self._sessions)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+class _RolloutView(Mapping[VersionKey, RolloutBackend]):
+    """The rollout backend of every served version that has one, read from the table."""
+
+    def __init__(self, sessions: dict[VersionKey, Sessions]) -> None:
+        self._sessions = sessions
+
+    def __getitem__(self, key: VersionKey) -> RolloutBackend:
+        rollout = self._sessions[key].rollout
+        if rollout is None:
+            raise KeyError(key)
+        return rollout
+
+    def __iter__(self) -> Iterator[VersionKey]:
+        return (k for k, s in self._sessions.items() if s.rollout is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for s in self._sessions.values() if s.rollout is not None)
 
 
 @dataclass(frozen=True)
@@ -82,9 +108,8 @@ class ModelTable:
         self.settings = settings
         self.gpu_missing: dict[VersionKey, str] = dict(gpu_missing or {})
         self.repository = repository  # replaced whole, never mutated: a request sees one
-        self._sessions = dict(sessions)
+        self._sessions = dict(sessions)  # changed in place, never replaced: the views read it
         self._loader = loader
-        self._sink: SessionSink | None = None
         self._in_use: Counter[VersionKey] = Counter()  # requests holding each version
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reloading = asyncio.Lock()
@@ -128,15 +153,13 @@ class ModelTable:
 
     # --- what is served ----------------------------------------------------------------------
 
-    def lanes(self) -> list[dict[VersionKey, Backend]]:
-        """Every version's plain backends, one mapping per runtime instance."""
-        return [
-            {key: s.lanes[i] for key, s in self._sessions.items()}
-            for i in range(self.settings.runtime_instances)
-        ]
+    def lanes(self) -> list[Mapping[VersionKey, Backend]]:
+        """Every served version's plain backends, one live mapping per runtime instance."""
+        return [_LaneView(self._sessions, i) for i in range(self.settings.runtime_instances)]
 
-    def rollout_backends(self) -> dict[VersionKey, RolloutBackend]:
-        return {k: s.rollout for k, s in self._sessions.items() if s.rollout is not None}
+    def rollout_backends(self) -> Mapping[VersionKey, RolloutBackend]:
+        """Every served version's rollout backend, where it has one, live."""
+        return _RolloutView(self._sessions)
 
     @property
     def on_gpu(self) -> bool:
@@ -194,10 +217,6 @@ class ModelTable:
         return self._sessions[key].placement
 
     # --- lifecycle ---------------------------------------------------------------------------
-
-    def bind(self, sink: SessionSink) -> None:
-        """Where reloads install and uninstall sessions from now on."""
-        self._sink = sink
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -279,8 +298,7 @@ class ModelTable:
                     else:
                         unavailable[version.key] = failure
             for key, sessions in made.items():
-                if self._sink is not None:
-                    self._sink.install(key, sessions.lanes, sessions.rollout)
+                # The next batch of `key` takes these; one already running keeps its own.
                 self._sessions[key] = sessions
                 serving[key] = sessions.version
             self.repository = Repository.of(
@@ -315,7 +333,6 @@ class ModelTable:
         limit = asyncio.get_running_loop().time() + self.settings.request_timeout_s + 1.0
         while self._in_use[key] > 0 and asyncio.get_running_loop().time() < limit:
             await asyncio.sleep(0.01)
-        if self._sink is not None:
-            self._sink.uninstall(key)
+        # An item of `key` still queued (none, normally) is answered NotServedError.
         self._sessions.pop(key, None)
         self._in_use.pop(key, None)
