@@ -13,6 +13,7 @@ from app.core import collector
 from app.core.logs import configure_logging
 from app.core.settings import Settings
 from app.engine import Engine, ModelTable
+from app.grpc.server import GrpcFrontDoor
 from app.http.admin import router as admin_router
 from app.http.cors import install_cors
 from app.http.direct import DirectRoute
@@ -22,11 +23,10 @@ from app.http.metrics import Metrics
 from app.http.middleware import Lifecycle, RequestMiddleware, install_metrics
 from app.http.page import install_page
 from app.http.routes import classify_route, router
-from app.http.v2.grpc_server import GrpcFrontDoor
 from app.http.v2.rest import router as v2_router
-from app.models.sessions import BackendFactory, RolloutBackendFactory
-from app.pipeline.imaging import configure_pillow
+from app.pipeline.preprocess import configure_pillow
 from app.pipeline.service import ClassifyService
+from app.runtime.sessions import BackendFactory, RolloutBackendFactory
 
 log = logging.getLogger(__name__)
 

@@ -7,19 +7,19 @@ On SIGTERM (what `docker stop` and Kubernetes send):
    503 that a client without retries would see as an error. Every answer now carries
    `Connection: close`, so kept-alive connections (a client's pool, nginx's upstream pool, a
    connection kube-proxy pinned to this pod) move to other replicas as they are used.
-2. Then the listener closes (app/http/listener.py): new handshakes are refused first, those
+2. Then the listener closes (app/transport/listener.py): new handshakes are refused first, those
    under way and the connections the kernel has already accepted are taken, so that every
    client that got a connection gets an answer, and from then on a connect is refused (never
    reset after its request was sent). uvicorn's shutdown follows: in-flight
    requests finish; kept-alive and new connections keep their own timeouts and what arrives on
-   them is answered, then closed (app/http/protocol.py: closing them at once would reset a
+   them is answered, then closed (app/transport/httptools.py: closing them at once would reset a
    request a client sent as the server closed); all within `drain_timeout_s`; then the
    lifespan's shutdown (the batcher finishes what is queued within `drain_timeout_s` and answers
    the rest 503).
 A second SIGTERM skips what is left of the delay; with it, as with a delay of 0, the drain
 still runs and the process exits 0. SIGINT (Ctrl-C) is uvicorn's: no delay, and a second one
 stops at once. Plain `uvicorn app.main:create_app --factory` also works, without step 1, the
-connection limits (app/http/connections.py) or the lingering close: it stops listening at once.
+connection limits (app/transport/connections.py) or the lingering close: it stops listening at once.
 """
 
 from __future__ import annotations
@@ -37,16 +37,16 @@ from typing import Any
 import uvicorn
 
 from app.core.settings import Settings
-from app.http.connections import (
+from app.http.middleware import Lifecycle
+from app.main import create_app
+from app.transport.connections import (
     ConnectionLimits,
     ConnectionRegistry,
     open_files_limit,
     raise_open_files_limit,
 )
-from app.http.listener import HANDSHAKE_GRACE_S, refuse_new_handshakes, stop_listening
-from app.http.middleware import Lifecycle
-from app.http.protocol import protocol_class
-from app.main import create_app
+from app.transport.httptools import protocol_class
+from app.transport.listener import HANDSHAKE_GRACE_S, refuse_new_handshakes, stop_listening
 
 # Not __name__: run as `python -m app.server` that is "__main__", outside the "app" loggers.
 log = logging.getLogger("app.server")

@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of the decode path (`prepare` of app.pipeline.imaging); not in CI.
+"""Coverage-guided fuzzing of the decode path (`prepare` of app.pipeline.preprocess); not in CI.
 
     .venv/bin/python -m pip install -e ".[fuzz]"
     .venv/bin/python -m bench.fuzz_atheris -max_total_time=600 build/fuzz_corpus
@@ -22,7 +22,7 @@ with atheris.instrument_imports():
     from PIL import Image
 
     from app.models.spec import Architecture, ModelSpec, Preprocess, Source, contract_tensors
-    from app.pipeline.imaging import ImageError, ResizePolicy, configure_pillow, prepare
+    from app.pipeline.preprocess import ImageError, ResizePolicy, configure_pillow, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = ROOT / "build" / "fuzz_corpus"

@@ -11,10 +11,10 @@ each skipped (and said so) when the time budget (--budget-s) no longer allows it
 
 1. environment: Python, ONNX Runtime, the CUDA it is built for, its providers, the driver and
    GPU (name, compute capability), TensorRT's version, and for the CUDA and TensorRT providers
-   every library they link against and whether it loads (app.models.native);
+   every library they link against and whether it loads (app.runtime.native);
 2. placement and parity: the demo model and ViT-B/16 (forms fused and fp16 on CUDA, the plain
    form on TensorRT) in sessions made as the service makes them
-   (app.models.sessions.open_backend), where ONNX Runtime put their nodes, and their logits
+   (app.runtime.sessions.open_backend), where ONNX Runtime put their nodes, and their logits
    against the same graph on the CPU at 3 grids: fp32 within 1e-3; fp16 the same top-1 and
    within 1% of the largest logit (fp32 beyond the bound is run again with TF32 off, to tell
    TF32 from a fault);
@@ -58,11 +58,12 @@ import numpy as np
 import onnxruntime as ort
 
 from app.core.settings import Settings
-from app.models import native, plan
-from app.models.providers import CPU, CUDA, TENSORRT, Placement
 from app.models.repository import ModelVersion, scan_repository
-from app.models.runtime import OnnxBackend
-from app.models.sessions import open_backend
+from app.runtime import native
+from app.runtime import placement as plan
+from app.runtime.backends import OnnxBackend
+from app.runtime.providers import CPU, CUDA, TENSORRT, Placement
+from app.runtime.sessions import open_backend
 from bench.gpu_graphs import GraphKit, model_repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -404,8 +405,8 @@ def run_tensorrt(
 
 def decode_ceiling(bodies: list[bytes], version: ModelVersion, seconds: float) -> dict[str, Any]:
     """Decode + resize + patchify img/s on one core (this thread), as the service does it
-    (`app.pipeline.imaging.prepare`, crop), and that times the machine's cores."""
-    from app.pipeline.imaging import prepare
+    (`app.pipeline.preprocess.prepare`, crop), and that times the machine's cores."""
+    from app.pipeline.preprocess import prepare
 
     settings = Settings()
     fit = settings.fit_max_tokens or 2 * version.spec.architecture.native_tokens

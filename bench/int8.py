@@ -25,7 +25,7 @@ Then, per model:
    at concurrency 16 and 64, in alternating rounds (bench.harness), with each server's CPU per
    image;
 3. CPU per image against the raw graph at the service's mean batch plus one image's decode,
-   resize and patchify (the 100 photos through `app.pipeline.imaging.prepare`, one thread).
+   resize and patchify (the 100 photos through `app.pipeline.preprocess.prepare`, one thread).
 
 Writes bench/results/int8.json. Nothing here asserts on time.
 """
@@ -49,7 +49,6 @@ from numpy.typing import NDArray
 
 from app.core.settings import Settings
 from app.models.repository import sha256_of
-from app.models.runtime import CPU, open_session
 from app.models.spec import (
     GRAPH_FILENAME,
     ROLLOUT_GRAPH_FILENAME,
@@ -60,7 +59,8 @@ from app.models.spec import (
     Preprocess,
     Source,
 )
-from app.pipeline.imaging import prepare
+from app.pipeline.preprocess import prepare
+from app.runtime.backends import CPU, open_session
 from bench.harness import (
     PHOTOS,
     RESULTS,

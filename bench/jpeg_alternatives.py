@@ -8,7 +8,7 @@ well-kept alternatives, side by side, with their pixel difference from Pillow's 
 None of them is a dependency of the project: each runs where its folder says, in its own process
 (Pillow-SIMD replaces the `PIL` package, so it cannot share a process with Pillow), in
 alternating rounds; a figure is the median over rounds of one thread's CPU per photo.
-- `pillow`: `app.pipeline.imaging.prepare` as the service runs it (`crop`, JPEG draft decoding);
+- `pillow`: `app.pipeline.preprocess.prepare` as the service runs it (`crop`, JPEG draft decoding);
 - `pillow-simd`: the same code with Pillow-SIMD's `PIL`;
 - `simplejpeg`, `turbojpeg`: their decoder at the same DCT scale as Pillow's draft (both dims
   at least twice the resize target), then Pillow's resize, crop and the same patchify (no EXIF
@@ -62,7 +62,7 @@ def worker(variant: str, model: str, out: Path) -> None:
     from PIL import Image
 
     from app.models.spec import ModelSpec
-    from app.pipeline.imaging import _RESAMPLE, crop_plan, patchify, prepare
+    from app.pipeline.preprocess import _RESAMPLE, crop_plan, patchify, prepare
 
     spec = _spec(model)
     assert isinstance(spec, ModelSpec)

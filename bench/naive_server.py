@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.naive_server --repo model_repo --model demo-shapes --port 8001
 
-The same decode/resize/patchify code as the service (`app.pipeline.imaging.prepare`) and the same
+The same decode/resize/patchify code as the service (`app.pipeline.preprocess.prepare`) and the same
 session options, but no batcher: each request is preprocessed and run in FastAPI's thread pool
 (what a plain `def` endpoint does), calling `session.run` on a batch of one. Loopback only.
 """
@@ -21,8 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 
 from app.models.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec
-from app.pipeline.imaging import prepare
 from app.pipeline.postprocess import predictions
+from app.pipeline.preprocess import prepare
 
 
 def create_app(repo: Path, model: str, intra_op_threads: int = 0) -> FastAPI:

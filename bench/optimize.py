@@ -24,8 +24,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from app.models.runtime import CPU, open_session
 from app.models.spec import OptimizationLevel
+from app.runtime.backends import CPU, open_session
 from bench.export_tiny import vit_ti16
 from bench.harness import RESULTS, ROOT, batch_times, write_results
 from export.checkpoints import load_checkpoint

@@ -1,4 +1,4 @@
-"""Decode + resize + patchify of one image on one thread (`app.pipeline.imaging.prepare`).
+"""Decode + resize + patchify of one image on one thread (`app.pipeline.preprocess.prepare`).
 
     .venv/bin/python -m bench.preprocess
     .venv/bin/python -m bench.preprocess --repo build/bench_repo --model vit-ti16
@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from app.models.spec import ModelSpec
-from app.pipeline.imaging import PreparedImage, prepare
+from app.pipeline.preprocess import PreparedImage, prepare
 from bench.harness import DEMO_MODEL, DEMO_REPO, RESULTS, find_model, load_images, write_results
 
 TARGET_MS = {"typical": 3.0, "12mp": 30.0}  # the issue's, reported beside the figures

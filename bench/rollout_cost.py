@@ -25,8 +25,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.models.plan import candidate_providers
-from app.models.runtime import open_session
 from app.models.spec import (
     GRAPH_FILENAME,
     ROLLOUT_GRAPH_FILENAME,
@@ -34,6 +32,8 @@ from app.models.spec import (
     GraphFiles,
     ModelSpec,
 )
+from app.runtime.backends import open_session
+from app.runtime.placement import candidate_providers
 from bench.harness import (
     DEMO_MODEL,
     DEMO_REPO,

@@ -40,8 +40,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from app.http.v2.proto import grpc_service_pb2 as pb
-from app.pipeline.imaging import prepare
+from app.grpc.proto import grpc_service_pb2 as pb
+from app.pipeline.preprocess import prepare
 from bench.harness import (
     DEMO_MODEL,
     DEMO_REPO,

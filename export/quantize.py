@@ -42,7 +42,7 @@ from numpy.typing import NDArray
 
 from app.core.settings import Settings
 from app.models.spec import Int8Gate, ModelSpec
-from app.pipeline.imaging import ImageError, prepare
+from app.pipeline.preprocess import ImageError, prepare
 
 log = logging.getLogger(__name__)
 

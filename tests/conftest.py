@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from app.core.settings import Settings
-from app.models.sessions import BackendFactory
+from app.runtime.sessions import BackendFactory
 from tests.support import TINY, TINY_REPO, ClientFactory, TinyRepo, serve
 
 

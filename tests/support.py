@@ -15,8 +15,8 @@ import pytest
 
 from app.core.settings import Settings
 from app.main import create_app
-from app.models.sessions import BackendFactory, RolloutBackendFactory
 from app.models.spec import Architecture, ModelSpec, Preprocess, Source, contract_tensors
+from app.runtime.sessions import BackendFactory, RolloutBackendFactory
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TESTDATA = ROOT.parent / "shared" / "testdata"

@@ -4,7 +4,7 @@ Every error the service answers with a status is a `ServiceError` (image content
 in imaging, model lookups in the repository, queueing in the engine's batches), carrying a
 `message` a person can act on and a `kind`: what went wrong, in the terms a client acts on.
 Each front door maps kinds to its own codes in one table (app/http/frontdoor.py: HTTP statuses;
-app/http/v2/grpc_server.py: gRPC codes), so the same mistake gets the same answer everywhere.
+app/grpc/server.py: gRPC codes), so the same mistake gets the same answer everywhere.
 """
 
 from __future__ import annotations

@@ -179,7 +179,7 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = Field(
         default="127.0.0.1", description="proxies whose X-Forwarded-For is trusted ('*': any)"
     )
-    # Connection hygiene (python -m app.server: app/http/connections.py).
+    # Connection hygiene (python -m app.server: app/transport/connections.py).
     header_max_bytes: int = Field(
         default=32 * 1024,
         ge=1024,

@@ -48,7 +48,7 @@ from app.engine.batches import (
     run_rollout,
 )
 from app.models.repository import VersionKey
-from app.models.runtime import Backend, RolloutBackend
+from app.runtime.backends import Backend, RolloutBackend
 
 log = logging.getLogger(__name__)
 

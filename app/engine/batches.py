@@ -10,8 +10,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from app.core.errors import ErrorKind, ServiceError
-from app.models.runtime import Backend, RolloutBackend
 from app.models.spec import RolloutParams
+from app.runtime.backends import Backend, RolloutBackend
 
 Logits = NDArray[np.float32]
 Patches = NDArray[np.uint8]

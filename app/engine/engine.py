@@ -33,9 +33,9 @@ from app.core.settings import Settings
 from app.engine.batcher import Batcher, BatchObserver
 from app.engine.batches import BatchKey, Output
 from app.engine.table import ModelTable, ReloadReport
-from app.models.providers import Placement, graph_form
 from app.models.repository import Unavailable, VersionKey
 from app.models.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec, OptimizationLevel, RolloutParams
+from app.runtime.providers import Placement, graph_form
 
 BUSY_MESSAGE = "the server is overloaded (every request place is taken); retry shortly"
 LOADING_MESSAGE = "the models are not loaded yet or the server is stopping; retry"

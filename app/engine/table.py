@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from app.core.settings import Settings
 from app.engine.reload import plan_reload
-from app.models.providers import GPU_PROVIDERS, Placement
 from app.models.repository import (
     ModelEntry,
     ModelVersion,
@@ -29,8 +28,9 @@ from app.models.repository import (
     scan_repository,
     signature,
 )
-from app.models.runtime import Backend, RolloutBackend
-from app.models.sessions import (
+from app.runtime.backends import Backend, RolloutBackend
+from app.runtime.providers import GPU_PROVIDERS, Placement
+from app.runtime.sessions import (
     BackendFactory,
     GpuRequiredError,
     RolloutBackendFactory,

@@ -25,7 +25,7 @@ from app.http.schemas import (
     Status,
 )
 from app.http.uploads import read_uploads
-from app.models.providers import TENSORRT
+from app.runtime.providers import TENSORRT
 
 router = APIRouter()
 

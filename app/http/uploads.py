@@ -24,7 +24,7 @@ from app.core.errors import (
     UnsupportedMediaTypeError,
 )
 from app.core.settings import Settings
-from app.pipeline.preprocessing import Upload
+from app.pipeline.workers import Upload
 
 FIELD = "image"
 HOW_TO_SEND = (

@@ -1,6 +1,6 @@
 """The patch grids of the `fit` resize policy: which (grid_h, grid_w) an image of a size gets.
 
-Preprocessing resizes images to these grids, and the TensorRT profile (app/models/providers.py)
+Preprocessing resizes images to these grids, and the TensorRT profile (app/runtime/providers.py)
 covers every one of them, so both read them from here.
 """
 

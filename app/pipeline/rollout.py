@@ -20,7 +20,7 @@ from PIL import Image
 
 from app.engine import RolloutMap
 from app.models.spec import HeadFusion
-from app.pipeline.imaging import ImageDecodeError, ResizePlan, open_image, orient, to_rgb
+from app.pipeline.preprocess import ImageDecodeError, ResizePlan, open_image, orient, to_rgb
 
 HEATMAP_ALPHA = 0.5  # weight of the colour over the photo inside the region the model saw
 # zlib level 1 against Pillow's default 6, measured on heatmaps of photos: 11 ms against 67 ms

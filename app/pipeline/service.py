@@ -1,7 +1,7 @@
 """The classify service: a front door's request path from uploaded bytes to labelled answers.
 
 `ClassifyService.classify` resolves the model version through the engine (under the request's
-permit), preprocesses in a bounded thread pool (app/pipeline/preprocessing.py), hands the patch
+permit), preprocesses in a bounded thread pool (app/pipeline/workers.py), hands the patch
 grids to the engine and turns their probabilities into top-k answers, all under one deadline
 per request. `ClassifyService.infer` does the same for the Open Inference Protocol's front
 doors, which send encoded images or ready patch grids and want the raw tensors back (logits,
@@ -27,11 +27,11 @@ from app.core.errors import (
 from app.core.settings import Settings
 from app.engine import EngineClient, EngineResult, Job, Permit, RolloutMap, ServedVersion
 from app.models.spec import ModelSpec, RolloutParams
-from app.pipeline.imaging import ResizePolicy
 from app.pipeline.postprocess import Prediction
 from app.pipeline.postprocess import top_k as top_k_of
-from app.pipeline.preprocessing import Preprocessor, Upload
+from app.pipeline.preprocess import ResizePolicy
 from app.pipeline.rollout import RolloutResult, normalise
+from app.pipeline.workers import Preprocessor, Upload
 
 
 @dataclass(frozen=True)

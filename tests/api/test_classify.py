@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-import app.pipeline.preprocessing as preprocessing_module
-from app.pipeline.imaging import PreparedImage, prepare
+import app.pipeline.workers as preprocessing_module
+from app.pipeline.preprocess import PreparedImage, prepare
 from tests.fakes import FakeBackends
 from tests.images import jpeg, png
 from tests.support import FORMATS_HINT, ClientFactory

@@ -21,9 +21,9 @@ import tritonclient.http as triton
 
 from app.core.settings import Settings
 from app.main import create_app
-from app.models.providers import CPU, CUDA, TENSORRT, Placement
 from app.models.repository import ModelVersion
-from app.models.runtime import Backend
+from app.runtime.backends import Backend
+from app.runtime.providers import CPU, CUDA, TENSORRT, Placement
 from tests.api.test_gpu_placement import DEMO_REPO, ON_TENSORRT, Placed, no_rollout
 from tests.api.test_v2_rest import image_input, infer, patches_input, result
 from tests.images import png

@@ -19,11 +19,11 @@ from numpy.typing import NDArray
 
 from app.core.settings import Settings
 from app.main import create_app
-from app.models import plan
-from app.models.providers import CPU, CUDA, TENSORRT, Placement
 from app.models.repository import ModelVersion
-from app.models.runtime import Backend, RolloutBackend
-from app.models.sessions import BackendFactory, RolloutBackendFactory
+from app.runtime import placement as plan
+from app.runtime.backends import Backend, RolloutBackend
+from app.runtime.providers import CPU, CUDA, TENSORRT, Placement
+from app.runtime.sessions import BackendFactory, RolloutBackendFactory
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ import pytest
 
 from app.core.settings import Settings
 from app.models.repository import ModelVersion
-from app.models.runtime import Backend
+from app.runtime.backends import Backend
 from tests.fakes import FakeBackends
 from tests.images import jpeg
 from tests.support import TinyRepo, serve

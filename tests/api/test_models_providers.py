@@ -9,9 +9,9 @@ import pytest
 from numpy.typing import NDArray
 
 from app.core.settings import Settings
-from app.models.providers import TENSORRT
 from app.models.repository import ModelVersion
-from app.models.runtime import Backend
+from app.runtime.backends import Backend
+from app.runtime.providers import TENSORRT
 from tests.support import TinyRepo, serve
 
 pytestmark = pytest.mark.anyio

@@ -19,10 +19,10 @@ from PIL import ExifTags, Image
 
 from app.core.settings import Settings
 from app.models.repository import ModelVersion
-from app.models.runtime import Backend, RolloutBackend
-from app.models.sessions import onnx_backends, onnx_rollout_backends
 from app.models.spec import GraphFiles, ModelSpec, RolloutParams
-from app.pipeline.imaging import ResizePolicy, prepare
+from app.pipeline.preprocess import ResizePolicy, prepare
+from app.runtime.backends import Backend, RolloutBackend
+from app.runtime.sessions import onnx_backends, onnx_rollout_backends
 from tests.images import encode, jpeg, noise, png, smooth
 from tests.support import TinyRepo, serve
 

@@ -1,7 +1,8 @@
 """End to end on real photos: the service's preprocessing + graph vs each library's own pipeline.
 
 For every photo, our side is exactly what `POST /classify` runs with the `crop` policy:
-`app.pipeline.imaging.prepare` (decode, EXIF orientation, RGB, resize per model.json, centre crop,
+`app.pipeline.preprocess.prepare` (decode, EXIF orientation, RGB, resize per model.json, centre
+crop,
 patchify; the service's default settings, JPEG draft decoding included) and the exported graph.
 The library's side is its own transform (timm's `resolve_data_config` + `create_transform`,
 Hugging Face's image processor, torchvision's weights preset) and its own model. Both must give
@@ -30,7 +31,7 @@ from PIL import Image, ImageOps
 
 from app.core.settings import Settings
 from app.models.spec import ModelSpec, Source
-from app.pipeline.imaging import prepare
+from app.pipeline.preprocess import prepare
 from export.checkpoints import LoadedViT
 from export.import_hf import load_hf
 from export.import_timm import load_timm

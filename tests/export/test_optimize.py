@@ -18,7 +18,7 @@ import torch
 from app.core.settings import Settings
 from app.models.repository import sha256_of
 from app.models.spec import GRAPH_FILENAME, SPEC_FILENAME, ModelSpec, OptimizationLevel, Source
-from app.pipeline.imaging import prepare
+from app.pipeline.preprocess import prepare
 from export.onnx_export import check_parity, export_graph, export_to_repository
 from export.optimize import (
     check_fp16,

@@ -15,9 +15,9 @@ import torch
 
 from app.engine import softmax
 from app.models.repository import scan_repository
-from app.models.runtime import CPU, OnnxBackend, OnnxRolloutBackend
 from app.models.spec import HEAD_FUSIONS, SPEC_FILENAME, HeadFusion, ModelSpec, RolloutParams
-from app.pipeline.imaging import ResizePolicy, patchify, prepare
+from app.pipeline.preprocess import ResizePolicy, patchify, prepare
+from app.runtime.backends import CPU, OnnxBackend, OnnxRolloutBackend
 from export.rollout import RolloutViT
 from export.vit import patchify as torch_patchify
 from tests.export.tiny import TinyTorchRepo, export_tiny

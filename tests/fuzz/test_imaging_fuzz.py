@@ -1,4 +1,5 @@
-"""Property tests of decode + resize + patchify (`app.pipeline.imaging.prepare`) on hostile input.
+"""Property tests of decode + resize + patchify (`app.pipeline.preprocess.prepare`) on hostile
+input.
 
 Whatever bytes arrive, `prepare` returns patches in the layout the graph takes, or raises one of
 imaging's typed errors (the API answers those 400 and 413); any other exception would be a 500.
@@ -17,7 +18,7 @@ from PIL import ImageFile
 
 from app.models.grids import fit_grid
 from app.models.spec import ModelSpec, Preprocess
-from app.pipeline.imaging import (
+from app.pipeline.preprocess import (
     ImageDecodeError,
     ImageTooLargeError,
     PreparedImage,

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.http.connections import TOO_MANY_CONNECTIONS
+from app.transport.connections import TOO_MANY_CONNECTIONS
 from tests.integration.stack import Replica, png_bytes, replicas
 from tests.support import TinyRepo
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from app.models.grids import fit_grid
 from app.models.spec import ModelSpec
-from app.pipeline.imaging import crop_plan
+from app.pipeline.preprocess import crop_plan
 from app.pipeline.rollout import seen_box
 from export.demo.shapes import CLASSES, generate
 from tests.images import encode, smooth

@@ -1,4 +1,5 @@
-"""The HTTP layer's connection limits (app/http/connections.py, app/http/protocol.py) in process.
+"""The HTTP server's connection limits (app/transport/connections.py and httptools.py), in
+process.
 
 The protocol is driven through a fake transport: bytes in, the bytes it writes and whether it
 half-closes or closes. tests/integration/test_connection_limits.py does the same over sockets.
@@ -18,8 +19,8 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from app.core.settings import Settings
-from app.http import protocol as protocol_module
-from app.http.connections import (
+from app.transport import httptools as protocol_module
+from app.transport.connections import (
     FD_RESERVE,
     REFUSAL_ROOM,
     TOO_MANY_CONNECTIONS,
@@ -29,7 +30,7 @@ from app.http.connections import (
     raise_open_files_limit,
     raw_error_response,
 )
-from app.http.protocol import GuardedHttpToolsProtocol, protocol_class
+from app.transport.httptools import GuardedHttpToolsProtocol, protocol_class
 
 pytestmark = pytest.mark.anyio
 

@@ -18,13 +18,14 @@ import pytest
 
 from app.core.logs import JsonFormatter
 from app.core.settings import Settings
-from app.models import plan, runtime
-from app.models.fallback import open_on_best
-from app.models.plan import ExecutionPlan
-from app.models.providers import CPU, CUDA, TENSORRT, Placement
 from app.models.repository import ModelVersion, scan_repository
-from app.models.runtime import OnnxBackend, RuntimeLoadError, open_placed_session
-from app.models.sessions import open_backend
+from app.runtime import backends as runtime
+from app.runtime import placement as plan
+from app.runtime.backends import OnnxBackend, RuntimeLoadError, open_placed_session
+from app.runtime.fallback import open_on_best
+from app.runtime.placement import ExecutionPlan
+from app.runtime.providers import CPU, CUDA, TENSORRT, Placement
+from app.runtime.sessions import open_backend
 
 DEMO_REPO = Path(__file__).resolve().parents[2] / "model_repo"
 
@@ -101,7 +102,7 @@ def test_tensorrt_failing_falls_back_to_cuda_then_the_cpu_with_its_reason_logged
     assert tensorrt.startswith(f"{TENSORRT}: no NVIDIA driver")
     assert cuda.startswith("no NVIDIA driver")
     failed, dropped = fallback_lines(caplog)
-    assert failed["level"] == "WARNING" and failed["logger"] == "app.models.fallback"
+    assert failed["level"] == "WARNING" and failed["logger"] == "app.runtime.fallback"
     assert (failed["provider"], failed["next"]) == (TENSORRT, [CUDA, CPU])
     assert "no NVIDIA driver" in str(failed["reason"])
     assert (dropped["provider"], dropped["running_on"]) == (TENSORRT, CPU)

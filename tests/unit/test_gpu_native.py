@@ -1,4 +1,4 @@
-"""The GPU providers' native libraries (app.models.native): read from the provider libraries
+"""The GPU providers' native libraries (app.runtime.native): read from the provider libraries
 themselves, looked for where NVIDIA's wheels put them, loaded by SONAME."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app.models import native
-from app.models.native import (
+from app.runtime import native
+from app.runtime.native import (
     CUDA_PROVIDER_LIBRARY,
     TENSORRT_PROVIDER_LIBRARY,
     ElfError,

@@ -16,8 +16,8 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from app.models import native
-from app.models.native import CUDA_PROVIDER_LIBRARY, TENSORRT_PROVIDER_LIBRARY
+from app.runtime import native
+from app.runtime.native import CUDA_PROVIDER_LIBRARY, TENSORRT_PROVIDER_LIBRARY
 
 ROOT = Path(__file__).resolve().parents[2]
 _ARG = re.compile(r"^ARG\s+([A-Za-z_][A-Za-z0-9_]*)(?:=(.*))?$")

@@ -1,4 +1,4 @@
-"""Decoding, orientation, colour modes, resize policies and patch layout of app.pipeline.imaging."""
+"""Decoding, orientation, colour modes, resize policies, patch layout (app.pipeline.preprocess)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import ExifTags, Image, ImageFile, JpegImagePlugin
 
 from app.models.grids import fit_grid
 from app.models.spec import ModelSpec, Preprocess
-from app.pipeline.imaging import (
+from app.pipeline.preprocess import (
     ImageDecodeError,
     ImageTooLargeError,
     PreparedImage,

@@ -1,6 +1,6 @@
-"""The app's layers: imports go one way (core <- models <- engine <- pipeline <- http <- entry
-points), no module imports itself back through others, and above the engine only its public
-module (`app.engine`) is imported: the seam that a process boundary can be put across."""
+"""The app's layers: imports go one way (core <- models <- runtime <- engine <- pipeline <- http
+<- grpc, transport <- entry points), no module imports itself back through others, and above the
+engine only its public module (`app.engine`) is imported: the seam a process boundary can cross."""
 
 from __future__ import annotations
 
@@ -12,8 +12,17 @@ import pytest
 APP = Path(__file__).resolve().parents[2] / "app"
 
 # Lower layers never import higher ones; the entry points (main, server, probe) sit on top.
-LAYERS = {"app.core": 0, "app.models": 1, "app.engine": 2, "app.pipeline": 3, "app.http": 4}
-ENTRY_POINTS = 5
+LAYERS = {
+    "app.core": 0,
+    "app.models": 1,  # the model contract and repository
+    "app.runtime": 2,  # ONNX Runtime sessions and placement
+    "app.engine": 3,  # what is served
+    "app.pipeline": 4,  # a front end's request path
+    "app.http": 5,  # the HTTP front doors
+    "app.grpc": 6,  # the gRPC front door
+    "app.transport": 6,  # the HTTP server's own parts
+}
+ENTRY_POINTS = 7
 ENGINE = "app.engine"
 
 

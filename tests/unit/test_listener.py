@@ -1,4 +1,4 @@
-"""Closing the listener (app/http/listener.py): new handshakes refused first, connections the
+"""Closing the listener (app/transport/listener.py): new handshakes refused first, connections the
 kernel accepted taken, and a connect after the close refused rather than reset."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.http.listener import refuse_new_handshakes, stop_listening
+from app.transport.listener import refuse_new_handshakes, stop_listening
 
 
 @pytest.fixture

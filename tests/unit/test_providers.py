@@ -1,4 +1,4 @@
-"""Execution providers (app.models.providers and runtime): order, TensorRT's options, IO binding."""
+"""Execution providers (app.runtime.providers, backends): order, TensorRT's options, IO binding."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import onnxruntime as ort
 import pytest
 
 from app.core.settings import Settings
-from app.models import plan
-from app.models.plan import execution_plan
-from app.models.providers import (
+from app.models.repository import ModelVersion, scan_repository
+from app.models.spec import Architecture, ModelSpec, RolloutParams
+from app.runtime import placement as plan
+from app.runtime.backends import OnnxBackend, OnnxRolloutBackend
+from app.runtime.placement import execution_plan
+from app.runtime.providers import (
     CPU,
     CUDA,
     TENSORRT,
@@ -30,10 +33,7 @@ from app.models.providers import (
     tensorrt_options,
     tensorrt_options_key,
 )
-from app.models.repository import ModelVersion, scan_repository
-from app.models.runtime import OnnxBackend, OnnxRolloutBackend
-from app.models.sessions import open_backend
-from app.models.spec import Architecture, ModelSpec, RolloutParams
+from app.runtime.sessions import open_backend
 
 DEMO_REPO = Path(__file__).resolve().parents[2] / "model_repo"
 ALL = [TENSORRT, CUDA, CPU]

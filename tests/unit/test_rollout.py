@@ -11,9 +11,8 @@ import pytest
 from PIL import Image
 
 from app.models.repository import scan_repository
-from app.models.runtime import CPU, OnnxRolloutBackend, RuntimeLoadError
 from app.models.spec import Preprocess
-from app.pipeline.imaging import crop_plan, resize_plan
+from app.pipeline.preprocess import crop_plan, resize_plan
 from app.pipeline.rollout import (
     COLORMAP,
     heatmap_png,
@@ -21,6 +20,7 @@ from app.pipeline.rollout import (
     overlay,
     seen_box,
 )
+from app.runtime.backends import CPU, OnnxRolloutBackend, RuntimeLoadError
 from tests.images import encode, noise
 from tests.support import TinyRepo, make_spec
 

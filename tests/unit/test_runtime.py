@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions (app.models.runtime): providers, loading, warm-up.
+"""ONNX Runtime sessions (app.runtime.backends): providers, loading, warm-up.
 (Their logits against the PyTorch model's: tests/export/test_parity.py.)"""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from app.models.plan import candidate_providers
 from app.models.repository import scan_repository
-from app.models.runtime import CPU, OnnxBackend, RuntimeLoadError
+from app.runtime.backends import CPU, OnnxBackend, RuntimeLoadError
+from app.runtime.placement import candidate_providers
 from tests.support import TinyRepo
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.support import ROOT
 
-PROTO = ROOT / "app" / "http" / "v2" / "proto"
+PROTO = ROOT / "app" / "grpc" / "proto"
 STUBS = (
     "grpc_service_pb2.py",
     "grpc_service_pb2.pyi",
@@ -31,7 +31,7 @@ def test_stubs_match_the_proto(tmp_path: Path) -> None:
         env={"PYTHON": sys.executable, "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
     )
     for name in STUBS:
-        made = (tmp_path / "app" / "http" / "v2" / "proto" / name).read_text()
+        made = (tmp_path / "app" / "grpc" / "proto" / name).read_text()
         assert made == (PROTO / name).read_text(), (
             f"{name} differs: run scripts/generate-grpc-stubs"
         )
@@ -43,7 +43,7 @@ def test_stubs_load_beside_another_copy_of_the_protocol() -> None:
         pytest.skip("tritonclient (the `test` extra) is not installed")
     script = (
         "import tritonclient.grpc.service_pb2 as theirs\n"
-        "from app.http.v2.proto import grpc_service_pb2 as ours\n"
+        "from app.grpc.proto import grpc_service_pb2 as ours\n"
         "m = ours.ModelInferRequest(model_name='m', raw_input_contents=[b'x'])\n"
         "t = theirs.ModelInferRequest.FromString(m.SerializeToString())\n"
         "assert (t.model_name, list(t.raw_input_contents)) == ('m', [b'x'])\n"

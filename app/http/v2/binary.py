@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.core.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaTypeError
-from app.http.v2.protocol import (
+from app.http.v2.inference import (
     InferRequest,
     InferResponse,
     InputTensor,

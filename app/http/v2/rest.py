@@ -25,7 +25,7 @@ from app.http.auth import API_KEY_SECURITY, check_api_key
 from app.http.frontdoor import get_service, header_timeout_ms
 from app.http.metrics import error_reason
 from app.http.uploads import read_body
-from app.http.v2 import protocol
+from app.http.v2 import inference as protocol
 from app.http.v2.binary import HEADER_LENGTH, decompress, encode_response, parse_request
 from app.http.v2.schemas import (
     ErrorResponse,

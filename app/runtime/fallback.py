@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from app.models import native
-from app.models import providers as prov
-from app.models.plan import ExecutionPlan
-from app.models.providers import CPU, Placement
-from app.models.runtime import OnnxBackend, OnnxRolloutBackend, RuntimeLoadError
+from app.runtime import native
+from app.runtime import providers as prov
+from app.runtime.backends import OnnxBackend, OnnxRolloutBackend, RuntimeLoadError
+from app.runtime.placement import ExecutionPlan
+from app.runtime.providers import CPU, Placement
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from numpy.typing import NDArray
 
 from app.core.priority import in_lowered_thread
 from app.core.settings import Settings
-from app.models.fallback import open_on_best, placement_of, placements_of
-from app.models.plan import ExecutionPlan, execution_plan
-from app.models.providers import Placement
 from app.models.repository import ModelVersion, VersionKey
-from app.models.runtime import Backend, OnnxBackend, OnnxRolloutBackend, RolloutBackend
 from app.models.spec import RolloutParams
+from app.runtime.backends import Backend, OnnxBackend, OnnxRolloutBackend, RolloutBackend
+from app.runtime.fallback import open_on_best, placement_of, placements_of
+from app.runtime.placement import ExecutionPlan, execution_plan
+from app.runtime.providers import Placement
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def onnx_backends(settings: Settings) -> BackendFactory:
 
 def onnx_rollout_backends(settings: Settings) -> RolloutBackendFactory:
     """A session per version's rollout graph, where it has one, created and warmed at start
-    (CUDA first on a GPU: see `app.models.providers.takes_tensorrt`)."""
+    (CUDA first on a GPU: see `app.runtime.providers.takes_tensorrt`)."""
 
     def load(version: ModelVersion) -> RolloutBackend | None:
         if version.rollout_path is None or version.spec.rollout is None:

@@ -22,7 +22,7 @@ from app.core.settings import Settings
 from app.core.threads import PREPROCESS
 from app.engine import DeadlineExceededError, OverloadedError, RolloutMap, first_error_or_all
 from app.models.spec import ModelSpec
-from app.pipeline.imaging import (
+from app.pipeline.preprocess import (
     FORMATS_HINT,
     ImageDecodeError,
     PreparedImage,

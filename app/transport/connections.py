@@ -11,7 +11,7 @@
 - Answers the HTTP layer gives itself, before any request reaches the app, are the service's
   JSON `{"detail": ...}` (`raw_error_response`).
 
-The protocol that enforces them is `app/http/protocol.py`.
+The protocol that enforces them is `app/transport/httptools.py`.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ class ConnectionLimits:
 
 
 class IdleConnection(Protocol):
-    """A connection the registry can close to make room (app/http/protocol.py's)."""
+    """A connection the registry can close to make room (app/transport/httptools.py's)."""
 
     def close_idle(self) -> None: ...
 

@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol with the limits of `app/http/connections.py` and a lingering close.
+"""uvicorn's httptools protocol with the limits of `app/transport/connections.py`, and a lingering
+close.
 
 Why httptools, with the limits added here, rather than uvicorn's h11 protocol (which has an
 incomplete-event size limit of its own): h11 parses in Python, and the event loop's CPU per
@@ -38,7 +39,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from app.http.connections import (
+from app.transport.connections import (
     TOO_MANY_CONNECTIONS,
     ConnectionRegistry,
     error_answer,
@@ -49,7 +50,7 @@ from app.http.connections import (
     too_many_headers,
 )
 
-log = logging.getLogger("app.http.connections")
+log = logging.getLogger("app.transport.connections")
 
 # A lingering close ends when the client sends nothing for this long.
 LINGER_IDLE_S = 2.0

@@ -37,13 +37,13 @@ from app.core.logs import request_id_var
 from app.core.records import RequestRecord, request_scope
 from app.core.settings import Settings
 from app.engine import LOADING_MESSAGE
+from app.grpc.proto import grpc_service_pb2 as pb
+from app.grpc.proto import grpc_service_pb2_grpc as pb_grpc
 from app.http.auth import FORMS
 from app.http.frontdoor import RETRY_AFTER_S, readiness
 from app.http.metrics import V2_GRPC, Metrics, error_reason
 from app.http.middleware import Lifecycle
-from app.http.v2 import protocol
-from app.http.v2.proto import grpc_service_pb2 as pb
-from app.http.v2.proto import grpc_service_pb2_grpc as pb_grpc
+from app.http.v2 import inference as protocol
 from app.http.v2.rest import status_of
 from app.http.v2.tensors import BYTES, element_count, from_raw, from_values, join_bytes, to_raw
 from app.http.v2.tensors import split_bytes as split_bytes_elements

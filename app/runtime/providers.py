@@ -1,7 +1,7 @@
 """Execution providers: which ONNX Runtime providers a graph is offered, and their options.
 
 Everything here is pure (no ONNX Runtime, no GPU), so the choices are unit-tested on any machine;
-`app.models.runtime` asks ONNX Runtime and the driver what is present and opens the sessions.
+`app.runtime.backends` asks ONNX Runtime and the driver what is present and opens the sessions.
 
 TensorRT is first wherever it can take the whole graph, because that is what a user of an
 inference server expects of a GPU and it is the fastest of the three. What used to keep it
@@ -104,7 +104,7 @@ def fallback_chain(providers: Sequence[str]) -> list[list[str]]:
     """The provider lists the service tries for one graph, in turn: all of them, then without
     the first, and so on down to the CPU alone ([TensorRT, CUDA, CPU] -> [CUDA, CPU] -> [CPU]).
 
-    ONNX Runtime's own fallback is off (`app.models.runtime.open_session`): the service moves
+    ONNX Runtime's own fallback is off (`app.runtime.backends.open_session`): the service moves
     down this chain itself, so each step is logged with its reason.
     """
     chain = [list(providers[i:]) for i in range(len(providers))]
@@ -194,7 +194,7 @@ def _counts(providers: Iterable[str]) -> tuple[tuple[str, int], ...]:
 def fit_grids(
     arch: Architecture, fit_max_tokens: int, max_aspect: float
 ) -> frozenset[tuple[int, int]]:
-    """Every grid `app.pipeline.imaging.fit_grid` can return for images of aspect ratio (w/h) within
+    """Every grid `fit_grid` (app.models.grids) can return for images of aspect ratio (w/h) within
     [1/max_aspect, max_aspect].
 
     `fit_grid` sees an image only through its snapped aspect ratio: the ratios of
@@ -242,7 +242,7 @@ def served_profile(
     dimension on its own, so covering them would make the box T x T tokens (ViT-B/16 at 224:
     392 x 392 = 153,664 tokens per image, 32 of them a batch) and TensorRT sizes its
     activation memory for the box's corner: tens of GB that no batch ever uses, or a failed
-    build. Those rare batches run on a CUDA session of the same graph (`app.models.runtime`).
+    build. Those rare batches run on a CUDA session of the same graph (`app.runtime.backends`).
     """
     grids = fit_grids(arch, fit_max_tokens, PROFILE_MAX_ASPECT) | {arch.grid}
     heights = [g[0] for g in grids]

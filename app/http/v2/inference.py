@@ -29,10 +29,10 @@ from app.engine import ModelDescription, Permit
 from app.http.v2.tensors import BYTES
 from app.models.repository import ModelNotReadyError, UnknownModelError
 from app.models.spec import HEAD_FUSIONS, HeadFusion, RolloutParams
-from app.pipeline.imaging import ResizePolicy
 from app.pipeline.postprocess import top_k
-from app.pipeline.preprocessing import Upload
+from app.pipeline.preprocess import ResizePolicy
 from app.pipeline.service import ClassifyService, Inference
+from app.pipeline.workers import Upload
 
 SERVER_NAME = "vit-serve"
 # Extension names as Triton reports them (tritonclient reads none of them; people do).

@@ -16,7 +16,7 @@ See the License for the specific language governing permissions and
 limitations under the License.
 """
 
-from app.http.v2.proto import grpc_service_pb2 as _grpc_service_pb2
+from app.grpc.proto import grpc_service_pb2 as _grpc_service_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1

@@ -18,12 +18,12 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from app.models import providers as prov
-from app.models.providers import CPU as CPU  # re-exported: callers name providers from here too
-from app.models.providers import CUDA as CUDA
-from app.models.providers import GPU_PROVIDERS, Placement, Profile
-from app.models.providers import TENSORRT as TENSORRT
 from app.models.spec import ModelSpec, RolloutParams
+from app.runtime import providers as prov
+from app.runtime.providers import CPU as CPU  # re-exported: callers name providers from here too
+from app.runtime.providers import CUDA as CUDA
+from app.runtime.providers import GPU_PROVIDERS, Placement, Profile
+from app.runtime.providers import TENSORRT as TENSORRT
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def open_placed_session(
     `spinning`: let ORT's intra-op threads spin-wait for work after each run. A benchmark of
     one session alone gains a little from it; a server loses more, because the spinning threads
     burn the cores that decoding and the event loop need between batches. `options`: per
-    provider (`app.models.providers.provider_options`).
+    provider (`app.runtime.providers.provider_options`).
 
     ONNX Runtime's fallback is off (`enable_fallback=0`: neither at creation nor, later, when a
     run fails does its wrapper move the session to other providers by itself and print why to
@@ -171,7 +171,7 @@ class OnnxBackend:
     """One InferenceSession for one model version's graph.
 
     On TensorRT, batches whose shape its profile leaves out (grids of images wider than 4:1,
-    see `app.models.providers.served_profile`) run on a second session of the same graph on the
+    see `app.runtime.providers.served_profile`) run on a second session of the same graph on the
     providers after TensorRT (CUDA), so no grid ever waits for an engine build or fails.
     """
 

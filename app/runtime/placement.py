@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 import onnxruntime as ort
 
 from app.core.settings import Settings
-from app.models import native
-from app.models import providers as prov
-from app.models.providers import (
+from app.models.repository import ModelVersion
+from app.runtime import native
+from app.runtime import providers as prov
+from app.runtime.backends import RuntimeLoadError
+from app.runtime.providers import (
     CPU,
     CUDA,
     GPU_PROVIDERS,
@@ -25,8 +27,6 @@ from app.models.providers import (
     Profile,
     TensorrtConfig,
 )
-from app.models.repository import ModelVersion
-from app.models.runtime import RuntimeLoadError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def candidate_providers(requested: list[str] | None, takes_tensorrt: bool = Fals
 
     Without an explicit list: TensorRT, CUDA, CPU, as far as the driver, the libraries and
     this ONNX Runtime build allow. TensorRT only for a graph that `takes_tensorrt`
-    (`app.models.providers.takes_tensorrt`) and whose session is given TensorRT's options
+    (`app.runtime.providers.takes_tensorrt`) and whose session is given TensorRT's options
     (`execution_plan`): without explicit profiles it would rebuild its engine per new grid.
     """
     available = ort.get_available_providers()

@@ -1,0 +1,1 @@
+"""ONNX Runtime: sessions, IO binding, which providers a graph gets and where it runs."""
