@@ -24,7 +24,7 @@ BUCKETS = (  # (label, a frame text that puts a sample there), first match wins
     ("request id (uuid4)", "_request_id"),
     ("hand-offs between threads (futures)", "futures.py"),
     ("hand-offs between threads (futures)", "ThreadPoolExecutor.submit"),
-    ("batcher (queue, hand-off to the lane)", "batching.py"),
+    ("batcher (queue, hand-off to the lane)", "batcher.py"),
     ("batcher (queue, hand-off to the lane)", "batches.py"),
     ("answer JSON and pydantic", "pydantic"),
     ("route, parameters, body, service (other)", "app/http/routes.py"),
@@ -33,7 +33,7 @@ BUCKETS = (  # (label, a frame text that puts a sample there), first match wins
     ("framework layers (uvicorn/starlette/fastapi)", "starlette"),
     ("framework layers (uvicorn/starlette/fastapi)", "fastapi"),
     ("HTTP parsing and writes (httptools protocol)", "httptools_impl.py"),
-    ("HTTP parsing and writes (httptools protocol)", "protocol.py"),
+    ("HTTP parsing and writes (httptools protocol)", "httptools.py"),
 )
 UVLOOP = "uvloop's C code (socket I/O, callbacks, wake-ups from threads)"
 

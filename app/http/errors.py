@@ -7,8 +7,6 @@ Under /v2 the same messages come as {"error": ...}: the Open Inference Protocol'
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -17,12 +15,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from app.core.errors import BusyError, ServiceError
-from app.http.frontdoor import error_response, is_load_shedding, status_of
+from app.http.frontdoor import (
+    describe_validation_errors,
+    error_response,
+    is_load_shedding,
+    status_of,
+)
 
 log = logging.getLogger(__name__)
-
-_PLACES = {"query": "query parameter", "path": "path parameter", "header": "header"}
-
 
 V2_PREFIX = "/v2"
 
@@ -45,17 +45,6 @@ async def _known_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, BusyError):
         response.headers["Connection"] = "close"
     return response
-
-
-def describe_validation_errors(errors: Sequence[Any]) -> str:
-    """FastAPI's error list as one sentence, e.g. "query parameter 'top_k': Input should be ..."."""
-    parts = []
-    for error in errors:
-        loc = [str(p) for p in error.get("loc", ())]
-        where = _PLACES.get(loc[0], loc[0]) if loc else "request"
-        name = ".".join(loc[1:])
-        parts.append(f"{where} '{name}': {error.get('msg', 'invalid')}" if name else where)
-    return "; ".join(parts) or "invalid request"
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

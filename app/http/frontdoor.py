@@ -2,22 +2,27 @@
 
 One table from an error's kind to its HTTP status (gRPC maps the statuses to its codes), the
 error response and its headers, refusing a request when every place is taken (its body read
-and dropped), the timeout header, and readiness: the engine's answer, and draining for
-shutdown. Each door writes none of these again.
+and dropped), the parameters more than one door takes (rollout's, the timeout header),
+validated by one definition so that the same mistake gets the same message everywhere, client
+text made safe to quote, and readiness: the engine's answer, and draining for shutdown. Each
+door writes none of these again.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
-from app.core.errors import ErrorKind, InvalidInputError, NotReadyError, ServiceError
+from app.core.errors import ErrorKind, InvalidParameterError, NotReadyError, ServiceError
 from app.engine import LOADING_MESSAGE, EngineClient, Readiness
+from app.models.spec import HeadFusion, RolloutParams
 from app.pipeline.service import ClassifyService
 
 HTTP_STATUS: dict[ErrorKind, int] = {
@@ -103,20 +108,88 @@ async def refuse(request: Request, status: int, message: str, key: str = "detail
     return response
 
 
+def shown(text: str, limit: int = 100) -> str:
+    """Client-supplied text made safe to quote in a message: printable and short."""
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
+
+
+_PLACES = {"query": "query parameter", "path": "path parameter", "header": "header"}
+
+
+def describe_validation_errors(errors: Sequence[Any]) -> str:
+    """pydantic's errors as one sentence, e.g. "query parameter 'top_k': Input should be ..."."""
+    parts = []
+    for error in errors:
+        loc = [str(p) for p in error.get("loc", ())]
+        where = _PLACES.get(loc[0], loc[0]) if loc else "request"
+        name = ".".join(loc[1:])
+        parts.append(f"{where} '{name}': {error.get('msg', 'invalid')}" if name else where)
+    return "; ".join(parts) or "invalid request"
+
+
+class RolloutFields(BaseModel):
+    """A rollout request's parameters, as every door takes them."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    head_fusion: HeadFusion = Field(
+        default="mean", description="rollout: how each block's attention heads are fused"
+    )
+    discard_ratio: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        allow_inf_nan=False,
+        description="rollout: fraction of lowest attentions zeroed per block",
+    )
+
+    def to_params(self) -> RolloutParams:
+        return RolloutParams(self.head_fusion, self.discard_ratio)
+
+
+class TimeoutHeaderField(BaseModel):
+    """The timeout header, as every HTTP door takes it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    request_timeout_ms: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        alias="x-request-timeout-ms",  # TIMEOUT_HEADER
+        description="this request's deadline in ms; the lowest of all given wins",
+    )
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], values: Mapping[str, object], place: str) -> M:
+    """`values` as `model`, or InvalidParameterError with pydantic's messages, each named as a
+    `place` ("query", "header", "parameter") and its name, as /classify has always said them."""
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as exc:
+        errors = [{**e, "loc": (place, *e["loc"])} for e in exc.errors(include_url=False)]
+        raise InvalidParameterError(describe_validation_errors(errors)) from None
+
+
+def rollout_params(values: Mapping[str, object]) -> RolloutParams:
+    """The rollout parameters among `values` (a door's own parameters, typed as it got them)."""
+    # A JSON true is no number, though pydantic would read it as 1.
+    given = {k: str(v) if isinstance(v, bool) else v for k, v in values.items()}
+    fields = ("head_fusion", "discard_ratio")
+    chosen = {k: given[k] for k in fields if k in given}
+    return validated(RolloutFields, chosen, "parameter").to_params()
+
+
 def header_timeout_ms(request: Request) -> float | None:
-    """The timeout header's deadline in ms, or InvalidInputError naming the header."""
+    """The timeout header's deadline in ms, or InvalidParameterError naming the header."""
     value = request.headers.get(TIMEOUT_HEADER)
     if value is None:
         return None
-    try:
-        timeout = float(value)
-    except ValueError:
-        timeout = float("nan")
-    if not timeout > 0 or timeout == float("inf"):
-        raise InvalidInputError(
-            f"header '{TIMEOUT_HEADER}': a positive number of milliseconds, got {value[:40]!r}"
-        )
-    return timeout
+    return validated(TimeoutHeaderField, {TIMEOUT_HEADER: value}, "header").request_timeout_ms
 
 
 def draining(request: Request) -> bool:

@@ -12,16 +12,13 @@ from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
-from app.models.spec import HeadFusion, RolloutParams
+from app.http.frontdoor import TIMEOUT_HEADER, RolloutFields, TimeoutHeaderField
+from app.models.spec import RolloutParams
 
-TIMEOUT_HEADER = "x-request-timeout-ms"
 
-
-class ClassifyParams(BaseModel):
-    """What a /classify request may set besides its images; all optional."""
-
+class _Query(RolloutFields):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     model: str | None = Field(
@@ -37,35 +34,24 @@ class ClassifyParams(BaseModel):
         description="true: add each image's attention rollout grid (runs the rollout graph); "
         "png: also a heatmap of it over the image",
     )
-    head_fusion: HeadFusion = Field(
-        default="mean", description="rollout: how each block's attention heads are fused"
-    )
-    discard_ratio: float = Field(
-        default=0.0,
-        ge=0.0,
-        lt=1.0,
-        allow_inf_nan=False,
-        description="rollout: fraction of lowest attentions zeroed per block",
-    )
     timeout_ms: float | None = Field(
         default=None,
         gt=0,
         allow_inf_nan=False,
         description="this request's deadline in ms; lowers the server's, never raises it",
     )
-    request_timeout_ms: float | None = Field(
-        default=None,
-        gt=0,
-        allow_inf_nan=False,
-        alias="x-request-timeout-ms",  # TIMEOUT_HEADER
-        description="as timeout_ms; the lower of both wins",
-    )
+
+
+# The header comes last: pydantic orders fields by the bases, last base first, and a 422 names
+# each bad parameter in that order.
+class ClassifyParams(TimeoutHeaderField, _Query):
+    """What a /classify request may set besides its images; all optional."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     @property
     def rollout_params(self) -> RolloutParams | None:
-        return (
-            None if self.rollout == "false" else RolloutParams(self.head_fusion, self.discard_ratio)
-        )
+        return None if self.rollout == "false" else self.to_params()
 
     @property
     def deadline_ms(self) -> float | None:

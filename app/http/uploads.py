@@ -24,6 +24,7 @@ from app.core.errors import (
     UnsupportedMediaTypeError,
 )
 from app.core.settings import Settings
+from app.http.frontdoor import shown
 from app.pipeline.workers import Upload
 
 FIELD = "image"
@@ -35,12 +36,6 @@ HOW_TO_SEND = (
 
 def _size(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MiB" if n >= 1024 * 1024 else f"{n} bytes"
-
-
-def _shown(text: str, limit: int = 100) -> str:
-    """Client-supplied text made safe to quote in a message: printable and short."""
-    clean = "".join(c if c.isprintable() else "?" for c in text)
-    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -93,7 +88,7 @@ async def _multipart_uploads(request: Request, body: bytes, settings: Settings) 
         fields = form.multi_items()
         parts = [value for name, value in fields if name == FIELD]
         if not parts:
-            found = sorted({_shown(name, 40) for name, _ in fields})
+            found = sorted({shown(name, 40) for name, _ in fields})
             also = f" (found fields: {', '.join(found)})" if found else ""
             raise NoImageError(f"no form field '{FIELD}' in the request{also}; {HOW_TO_SEND}")
         if len(parts) > settings.images_per_request_max:
@@ -108,12 +103,12 @@ async def _multipart_uploads(request: Request, body: bytes, settings: Settings) 
                     f"form field '{FIELD}' #{index} is text, not a file (its part has no "
                     "filename); send it as a file part, e.g. curl -F image=@photo.jpg"
                 )
-            name = f"'{_shown(part.filename)}'" if part.filename else f"#{index}"
+            name = f"'{shown(part.filename)}'" if part.filename else f"#{index}"
             uploads.append(
                 Upload(
                     data=await part.read(),
                     name=name,
-                    content_type=_shown(part.content_type) if part.content_type else None,
+                    content_type=shown(part.content_type) if part.content_type else None,
                 )
             )
         return uploads
@@ -138,6 +133,4 @@ async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
         if not body:
             raise NoImageError(f"no image in the request; {HOW_TO_SEND}")
         raise UnsupportedMediaTypeError(f"the request has no Content-Type; {HOW_TO_SEND}")
-    raise UnsupportedMediaTypeError(
-        f"Content-Type '{_shown(mime)}' is not supported; {HOW_TO_SEND}"
-    )
+    raise UnsupportedMediaTypeError(f"Content-Type '{shown(mime)}' is not supported; {HOW_TO_SEND}")

@@ -135,3 +135,51 @@ async def test_v2_refuses_rollout_over_mixed_grids_before_inference(tmp_path: Pa
     assert "have different grids (" in answer.json()["error"]
     assert result(same).as_numpy("rollout").shape == (2, 8, 8)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("query", "v2_parameters", "headers", "message"),
+    [
+        (
+            "rollout=true&discard_ratio=1.5",
+            {"rollout": True, "discard_ratio": 1.5},
+            {},
+            "parameter 'discard_ratio': Input should be less than 1",
+        ),
+        (
+            "rollout=true&head_fusion=median",
+            {"rollout": True, "head_fusion": "median"},
+            {},
+            "parameter 'head_fusion': Input should be 'mean', 'max' or 'min'",
+        ),
+        (
+            "",
+            {},
+            {"x-request-timeout-ms": "-3"},
+            "header 'x-request-timeout-ms': Input should be greater than 0",
+        ),
+    ],
+    ids=["discard-ratio", "head-fusion", "timeout-header"],
+)
+async def test_the_same_mistake_gets_the_same_message_on_every_door(
+    tmp_path: Path,
+    query: str,
+    v2_parameters: dict[str, Any],
+    headers: dict[str, str],
+    message: str,
+) -> None:
+    repo = _own_repo(tmp_path / "repo")
+    app = create_app(Settings(model_repo=repo, warmup=False))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        classify = await client.post(
+            f"/classify?{query}",
+            content=png(64, 64),
+            headers={"content-type": "image/png", **headers},
+        )
+        v2 = await infer(client, [image_input(png(64, 64))], headers=headers, **v2_parameters)
+    # /classify's 422 and the protocol's 400 (one status for every bad input), one message.
+    assert classify.status_code == 422 and classify.json()["detail"].endswith(message)
+    assert v2.status_code == 400 and v2.json()["error"].endswith(message)

@@ -85,6 +85,32 @@ def test_the_engine_check_sees_a_reach_inside() -> None:
     assert all(m.startswith(ENGINE) for m in GRAPH["app.engine"] if m.startswith("app.engine."))
 
 
+FRONT_DOOR = "app.http.frontdoor"
+
+
+def private_names_in(source: str) -> list[str]:
+    """`from app.x import _y` in `source`: another module's internals."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("app."):
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if "_pb2" not in m))
+def test_no_module_imports_the_internals_of_another(module: str) -> None:
+    # The front-door module (app.http.frontdoor) and the engine are used through their public
+    # names only; so is every other module.
+    private = private_names_in(MODULES[module].read_text())
+    assert not private, f"{module} imports internals: {private}"
+    assert FRONT_DOOR in MODULES and FRONT_DOOR in GRAPH["app.http.routes"]
+
+
+def test_the_internals_check_sees_a_private_import() -> None:
+    source = "from app.http.frontdoor import _PLACES, shown\nfrom typing import _Final\n"
+    assert private_names_in(source) == ["app.http.frontdoor._PLACES"]
+
+
 def test_no_import_cycle() -> None:
     done: set[str] = set()
 

@@ -15,7 +15,6 @@ tritonclient sends it) lowers the request's deadline like /classify's `timeout_m
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -26,9 +25,10 @@ from numpy.typing import NDArray
 
 from app.core.errors import InvalidInputError
 from app.engine import ModelDescription, Permit
+from app.http.frontdoor import rollout_params, shown
 from app.http.v2.tensors import BYTES
 from app.models.repository import ModelNotReadyError, UnknownModelError
-from app.models.spec import HEAD_FUSIONS, HeadFusion, RolloutParams
+from app.models.spec import HEAD_FUSIONS, RolloutParams
 from app.pipeline.postprocess import top_k
 from app.pipeline.preprocess import ResizePolicy
 from app.pipeline.service import ClassifyService, Inference
@@ -136,13 +136,8 @@ def parse_version(model: str, version: str) -> int | None:
     if version == "":
         return None
     if not version.isdigit() or len(version) > 9:
-        raise UnknownModelError(f"model '{_shown(model)}' has no version '{_shown(version)}'")
+        raise UnknownModelError(f"model '{shown(model)}' has no version '{shown(version)}'")
     return int(version)
-
-
-def _shown(text: str, limit: int = 100) -> str:
-    clean = "".join(c if c.isprintable() else "?" for c in text)
-    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
 def _described(service: ClassifyService, model: str, version: str) -> tuple[ModelDescription, int]:
@@ -151,7 +146,7 @@ def _described(service: ClassifyService, model: str, version: str) -> tuple[Mode
     target = service.engine.lookup(model, parse_version(model, version))
     found = service.engine.describe().model(target.name)
     if found is None:  # removed by a reload in between
-        raise ModelNotReadyError(f"model '{_shown(model)}' is not being served; retry")
+        raise ModelNotReadyError(f"model '{shown(model)}' is not being served; retry")
     return found, target.version
 
 
@@ -224,24 +219,7 @@ def _flag(params: Mapping[str, Parameter], name: str) -> bool:
 
 
 def _rollout(params: Mapping[str, Parameter], wanted: bool) -> RolloutParams | None:
-    if not wanted:
-        return None
-    fusion = _param(params, "head_fusion") or "mean"
-    if fusion not in HEAD_FUSIONS:
-        raise InvalidInputError(
-            f"parameter 'head_fusion' must be one of {', '.join(HEAD_FUSIONS)}, got {fusion!r}"
-        )
-    ratio = _param(params, "discard_ratio")
-    ratio = 0.0 if ratio is None else ratio
-    if (
-        isinstance(ratio, bool)
-        or not isinstance(ratio, int | float)
-        or not math.isfinite(ratio)
-        or not 0.0 <= ratio < 1.0
-    ):
-        raise InvalidInputError(f"parameter 'discard_ratio' must be in [0, 1), got {ratio!r}")
-    head_fusion: HeadFusion = "mean" if fusion == "mean" else "max" if fusion == "max" else "min"
-    return RolloutParams(head_fusion, float(ratio))
+    return rollout_params(params) if wanted else None
 
 
 def timeout_param(params: Mapping[str, Parameter]) -> float | None:
@@ -264,7 +242,7 @@ def _requested(request: InferRequest) -> list[RequestedOutput]:
     for output in request.outputs:
         if output.name not in OUTPUTS:
             raise InvalidInputError(
-                f"unknown output '{_shown(output.name)}'; outputs: {', '.join(OUTPUTS)}"
+                f"unknown output '{shown(output.name)}'; outputs: {', '.join(OUTPUTS)}"
             )
         if output.name in seen:
             raise InvalidInputError(f"output '{output.name}' is asked for twice")
@@ -274,7 +252,7 @@ def _requested(request: InferRequest) -> list[RequestedOutput]:
 
 def _images(request: InferRequest) -> Sequence[Upload] | NDArray[np.uint8]:
     if len(request.inputs) != 1:
-        names = ", ".join(f"'{_shown(i.name, 40)}'" for i in request.inputs) or "none"
+        names = ", ".join(f"'{shown(i.name, 40)}'" for i in request.inputs) or "none"
         raise InvalidInputError(
             f"a request takes exactly one input, '{IMAGE}' or '{PATCHES}'; got {names}"
         )
@@ -302,7 +280,7 @@ def _images(request: InferRequest) -> Sequence[Upload] | NDArray[np.uint8]:
             )
         return tensor.array
     raise InvalidInputError(
-        f"unknown input '{_shown(tensor.name, 40)}'; inputs: '{IMAGE}' (BYTES [N], encoded "
+        f"unknown input '{shown(tensor.name, 40)}'; inputs: '{IMAGE}' (BYTES [N], encoded "
         f"images) or '{PATCHES}' (UINT8 [N, grid_h, grid_w, P*P*C])"
     )
 
