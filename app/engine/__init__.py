@@ -30,6 +30,7 @@ from app.engine.engine import (
     Readiness,
     ServedVersion,
     VersionDescription,
+    check_rollout,
 )
 from app.engine.table import ModelTable, ReloadReport
 
@@ -58,6 +59,7 @@ __all__ = [
     "ServedVersion",
     "ShuttingDownError",
     "VersionDescription",
+    "check_rollout",
     "first_error_or_all",
     "softmax",
 ]

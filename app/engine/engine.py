@@ -2,20 +2,22 @@
 
 `Engine` holds the model table (repository snapshot, sessions, reload, drain, in-use counts,
 broken versions) and the batcher that runs them, and admits requests. The doors see only
-`EngineClient`: `admit()` gives a `Permit`, a value `resolve` and `infer` require, released
-once when the answer is made; `resolve` holds a model version under the permit, so a reload
-releases it only after; `infer` takes patch grids and gives back each image's logits,
-probabilities and rollout map with the spec and labels they were made with; `readiness()` is
-the one answer every door gives; `describe()` is what /models and the V2 metadata show. Every
-argument and result is plain data (arrays, frozen dataclasses, pydantic models): nothing here
-knows HTTP, and nothing would stop the engine from running in another process.
+`EngineClient`: `admit(model, version)` takes a request place and holds the model version it
+names (a reload releases it only after), and gives a `Permit`, the value `infer` requires,
+released once when the answer is made; `infer` takes patch grids and gives back each image's
+logits, probabilities and rollout map with the spec and labels they were made with;
+`readiness()` is the one answer every door gives; `describe()` is what /models, the V2
+metadata and the metrics show. Every argument and result is plain data (arrays, frozen
+dataclasses, pydantic models): nothing here knows HTTP, and the calls that may wait are
+coroutines, so the engine can as well be in another process (app/engine/remote.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -120,20 +122,23 @@ class EngineResult:
 
 
 class Permit:
-    """One request place: from `admit()` until `release()`, which frees it (once; later calls
-    do nothing) and the model version it holds. `resolve` and `infer` take nothing else."""
+    """One request place and the model version it holds: from `admit()` until `release()`,
+    which frees both (once; later calls do nothing). `infer` takes nothing else."""
 
-    __slots__ = ("_engine", "held", "released")
+    __slots__ = ("_release", "number", "released", "served")
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self.held: ServedVersion | None = None
+    def __init__(
+        self, number: int, served: ServedVersion, release: Callable[[Permit], None]
+    ) -> None:
+        self.number = number  # the engine's name for it (across a process boundary too)
+        self.served = served
         self.released = False
+        self._release = release
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self._engine._release(self)
+            self._release(self)
 
 
 class EngineClient(Protocol):
@@ -141,20 +146,12 @@ class EngineClient(Protocol):
 
     @property
     def busy(self) -> bool:
-        """Every request place is taken: `admit()` would refuse."""
+        """Every request place is taken (as last known): `admit()` would refuse."""
         ...
 
-    def admit(self) -> Permit: ...
+    async def admit(self, model: str | None, version: int | None) -> Permit: ...
 
-    def resolve(
-        self,
-        permit: Permit,
-        model: str | None,
-        version: int | None,
-        rollout: RolloutParams | None = None,
-    ) -> ServedVersion: ...
-
-    def lookup(self, model: str | None, version: int | None) -> ServedVersion: ...
+    async def lookup(self, model: str | None, version: int | None) -> ServedVersion: ...
 
     async def infer(self, permit: Permit, job: Job) -> EngineResult: ...
 
@@ -179,6 +176,7 @@ class Engine:
             worker_nice=settings.worker_nice,
         )
         self._admitted = 0  # permits not yet released
+        self._numbers = itertools.count(1)
         self._started = False
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -211,53 +209,40 @@ class Engine:
     def busy(self) -> bool:
         return self._admitted >= self.settings.request_places()
 
-    def admit(self) -> Permit:
-        """A request place, from before its body is read until its answer; BusyError at once
-        when none is free.
+    async def admit(self, model: str | None, version: int | None) -> Permit:
+        """A request place, from before its body is read until its answer, holding the version
+        the request names: BusyError at once when no place is free; UnknownModelError (404),
+        ModelNotReadyError (503) for what is not served.
 
         There are as many places as images can wait in the queue plus run in batches: each
         request has at least one image, so more requests than that could not all be served. A
         refusal here costs no body read, decode or queueing: under overload the event loop
         spends its CPU on refusing quickly, not on reading bodies it would refuse later.
         """
+        return self.admit_now(model, version)
+
+    def admit_now(self, model: str | None, version: int | None) -> Permit:
+        """`admit`, for a caller on the event loop that cannot await (the engine's host)."""
         if not self._started:
             raise NotReadyError(LOADING_MESSAGE)
         if self.busy:
             raise BusyError(BUSY_MESSAGE)
+        served = self.lookup_now(model, version)
+        self.table.hold(served.key)
         self._admitted += 1
-        return Permit(self)
+        return Permit(next(self._numbers), served, self._release)
 
     def _release(self, permit: Permit) -> None:
         self._admitted -= 1
-        if permit.held is not None:
-            self.table.release(permit.held.key)
-
-    # --- requests ----------------------------------------------------------------------------
+        self.table.release(permit.served.key)
 
     def max_tokens(self, spec: ModelSpec) -> int:
         return self.settings.fit_max_tokens or 2 * spec.architecture.native_tokens
 
-    def resolve(
-        self,
-        permit: Permit,
-        model: str | None,
-        version: int | None,
-        rollout: RolloutParams | None = None,
-    ) -> ServedVersion:
-        """The version a request asks for, held under `permit` until it is released:
-        UnknownModelError (404), ModelNotReadyError (503); with `rollout`, why this version
-        cannot give maps (RolloutUnavailableError, InvalidParameterError)."""
-        _check_permit(permit)
-        if permit.held is not None:
-            raise RuntimeError("this permit holds a model version already")
-        served = self.lookup(model, version)
-        if rollout is not None:
-            _check_rollout(served, rollout)
-        self.table.hold(served.key)
-        permit.held = served
-        return served
+    async def lookup(self, model: str | None, version: int | None) -> ServedVersion:
+        return self.lookup_now(model, version)
 
-    def lookup(self, model: str | None, version: int | None) -> ServedVersion:
+    def lookup_now(self, model: str | None, version: int | None) -> ServedVersion:
         """The version a name and number mean now, held by nothing (metadata, probes):
         UnknownModelError (404), ModelNotReadyError (503)."""
         target = self.table.repository.resolve(model, version)
@@ -271,10 +256,11 @@ class Engine:
 
     async def infer(self, permit: Permit, job: Job) -> EngineResult:
         """Run a job on the version `permit` holds, through the queue and the batcher."""
-        _check_permit(permit)
-        served = permit.held
-        if served is None:
-            raise RuntimeError("infer before resolve: the permit holds no model version")
+        if permit.released:
+            raise RuntimeError("this permit was released: admit the request again")
+        served = permit.served
+        if job.rollout is not None:
+            check_rollout(served, job.rollout)
         patch_dim = served.spec.architecture.patch_dim
         for patches in job.patches:
             if patches.ndim != 3 or patches.shape[2] != patch_dim or patches.dtype != np.uint8:
@@ -348,12 +334,8 @@ class Engine:
         return await self.table.reload()
 
 
-def _check_permit(permit: Permit) -> None:
-    if permit.released:
-        raise RuntimeError("this permit was released: admit the request again")
-
-
-def _check_rollout(served: ServedVersion, params: RolloutParams) -> None:
+def check_rollout(served: ServedVersion, params: RolloutParams) -> None:
+    """Why `served` cannot give these rollout maps (before anything is decoded), if it cannot."""
     if not served.rollout:
         raise RolloutUnavailableError(
             f"model '{served.name}' version {served.version} has no rollout graph "

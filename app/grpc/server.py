@@ -274,7 +274,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         async def ready() -> pb.ModelReadyResponse:
             try:
-                up = protocol.model_ready(self._ready(), request.name, request.version)
+                up = await protocol.model_ready(self._ready(), request.name, request.version)
             except (ModelNotReadyError, UnknownModelError):  # as Triton: not ready, no error
                 up = False
             return pb.ModelReadyResponse(ready=up and not self.lifecycle.draining)
@@ -297,7 +297,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
         async def meta() -> pb.ModelMetadataResponse:
-            found = protocol.model_metadata(self._ready(), request.name, request.version)
+            found = await protocol.model_metadata(self._ready(), request.name, request.version)
             response = pb.ModelMetadataResponse(
                 name=found.name,
                 versions=found.versions,
@@ -321,9 +321,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             check_key(self.settings.api_key, _metadata(context))
             service = self._ready()
             remaining = context.time_remaining()
-            permit = service.engine.admit()
+            parsed = parse_request(request)
+            version = protocol.parse_version(parsed.model, parsed.version)
+            permit = await service.engine.admit(parsed.model, version)
             try:
-                parsed = parse_request(request)
                 answer = await protocol.infer(
                     service,
                     permit,

@@ -21,7 +21,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
 from app.core.errors import ErrorKind, InvalidParameterError, NotReadyError, ServiceError
-from app.engine import LOADING_MESSAGE, EngineClient, Readiness
+from app.core.records import current_request
+from app.engine import BUSY_MESSAGE, LOADING_MESSAGE, EngineClient, Readiness
 from app.models.spec import HeadFusion, RolloutParams
 from app.pipeline.service import ClassifyService
 
@@ -94,12 +95,15 @@ async def discard_body(receive: Receive, max_bytes: int, timeout_s: float) -> bo
         return False
 
 
-async def refuse(request: Request, status: int, message: str, key: str = "detail") -> JSONResponse:
-    """Answer a request that is refused before its body was read: the body is read and dropped
-    (bounded by `upload_max_bytes` and `body_read_timeout_s` of the settings) so that the
+async def refuse_busy(request: Request, key: str = "detail") -> JSONResponse:
+    """503 for a request that finds every place taken, before its body was read: the body is
+    read and dropped (bounded by `upload_max_bytes` and `body_read_timeout_s`) so that the
     connection can carry the client's retry; closed when the body is too large or too slow."""
+    record = current_request()
+    if record is not None:
+        record.error_reason = "busy"
     settings = request.app.state.settings
-    response = error_response(status, message, key)
+    response = error_response(503, BUSY_MESSAGE, key)
     drained = await discard_body(
         request.receive, settings.upload_max_bytes, settings.body_read_timeout_s
     )

@@ -20,12 +20,10 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.errors import BusyError, NotReadyError
 from app.core.logs import request_id_var
 from app.core.records import RequestRecord, current_request, request_scope
-from app.engine import BUSY_MESSAGE, Permit
 from app.http.direct import DirectRoute
-from app.http.frontdoor import DRAINING_MESSAGE, discard_body, engine_of, error_response
+from app.http.frontdoor import DRAINING_MESSAGE, error_response
 from app.http.metrics import QUIET_PATHS, UNMATCHED_ROUTE, Metrics, error_reason
 
 access_log = logging.getLogger("app.access")
@@ -37,8 +35,6 @@ _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Refused while draining: readiness, so that load balancers and Kubernetes stop sending work.
 # Everything else is served as usual (see Lifecycle).
 _REFUSED_WHILE_DRAINING = frozenset({"/readyz"})
-# Where the request middleware leaves a /classify request's permit for the route.
-PERMIT = "permit"
 CONNECTION_CLOSE = (b"connection", b"close")
 
 
@@ -122,20 +118,6 @@ class RequestMiddleware:
             await send(message)
 
         refused = self.lifecycle.draining and path in _REFUSED_WHILE_DRAINING
-        # /classify is admitted here, once, before routing and validation: under overload the
-        # refusal costs no decoding, the cheapest answer the event loop can give, so it keeps up
-        # with arrivals. The route takes the permit from the scope.
-        permit: Permit | None = None
-        busy = False
-        engine = engine_of(self.owner.state)
-        if not refused and path == "/classify" and engine is not None:
-            try:
-                permit = engine.admit()
-            except BusyError:
-                busy = True
-            except NotReadyError:
-                pass  # the route answers it, as it answers every request before the start
-            scope.setdefault("state", {})[PERMIT] = permit
         token = request_id_var.set(record.request_id)
         if not quiet:
             self.metrics.in_flight.inc()
@@ -145,16 +127,6 @@ class RequestMiddleware:
                     record.error_reason = "shutting_down"
                     response = error_response(503, DRAINING_MESSAGE)
                     await response(scope, receive, send_with_id)
-                elif busy:
-                    record.error_reason = "busy"
-                    response = error_response(503, BUSY_MESSAGE)
-                    settings = self.owner.state.settings
-                    drained = await discard_body(
-                        receive, settings.upload_max_bytes, settings.body_read_timeout_s
-                    )
-                    if not drained:
-                        response.headers["connection"] = "close"
-                    await response(scope, receive, send_with_id)
                 elif self.direct is not None and self.direct.matches(scope):
                     await self.direct(scope, receive, send_with_id)
                 else:
@@ -163,12 +135,8 @@ class RequestMiddleware:
             record.error_reason = record.error_reason or "internal"
             raise
         finally:
-            if permit is not None:
-                permit.release()
             seconds = time.perf_counter() - started
-            route = (
-                self._known_route(path) if refused or busy else _route_of(scope) or UNMATCHED_ROUTE
-            )
+            route = self._known_route(path) if refused else _route_of(scope) or UNMATCHED_ROUTE
             if not quiet:
                 self.metrics.in_flight.dec()
                 self.metrics.request_done(route, status, seconds, record)

@@ -8,12 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 
-from app.core.errors import NotReadyError
-from app.engine import Permit
+from app.core.errors import BusyError, NotReadyError
 from app.http.auth import API_KEY_SECURITY, check_api_key
 from app.http.deps import ServiceDep
-from app.http.frontdoor import draining, get_service, readiness
-from app.http.middleware import PERMIT
+from app.http.frontdoor import draining, get_service, readiness, refuse_busy
 from app.http.params import openapi_parameters, read_params
 from app.http.schemas import (
     ClassifyResponse,
@@ -80,16 +78,16 @@ async def classify(request: Request) -> Response:
     check_api_key(request)  # before anything else: a refused request costs no work
     service = await get_service(request)
     params = read_params(request)
-    # Admitted by the request middleware before routing; here only when it could not be.
-    taken: Permit | None = request.scope.get("state", {}).get(PERMIT)
-    permit = taken or service.engine.admit()
+    try:
+        # A place, and the version asked for held, before the body is read.
+        permit = await service.engine.admit(params.model, params.version)
+    except BusyError:
+        return await refuse_busy(request)
     try:
         uploads = await read_uploads(request, service.settings)
         result = await service.classify(
             permit,
             uploads,
-            model=params.model,
-            version=params.version,
             top_k=params.top_k,
             resize=params.resize,
             rollout=params.rollout_params,

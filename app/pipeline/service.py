@@ -1,11 +1,11 @@
 """The classify service: a front door's request path from uploaded bytes to labelled answers.
 
-`ClassifyService.classify` resolves the model version through the engine (under the request's
-permit), preprocesses in a bounded thread pool (app/pipeline/workers.py), hands the patch
-grids to the engine and turns their probabilities into top-k answers, all under one deadline
-per request. `ClassifyService.infer` does the same for the Open Inference Protocol's front
-doors, which send encoded images or ready patch grids and want the raw tensors back (logits,
-rollout maps). It knows no HTTP, and of the engine only its client protocol (app/engine).
+`ClassifyService.classify` takes the model version the request's permit holds, preprocesses in
+a bounded thread pool (app/pipeline/workers.py), hands the patch grids to the engine and turns
+their probabilities into top-k answers, all under one deadline per request.
+`ClassifyService.infer` does the same for the Open Inference Protocol's front doors, which send
+encoded images or ready patch grids and want the raw tensors back (logits, rollout maps). It
+knows no HTTP, and of the engine only its client protocol (app/engine).
 """
 
 from __future__ import annotations
@@ -25,7 +25,15 @@ from app.core.errors import (
     TooManyImagesError,
 )
 from app.core.settings import Settings
-from app.engine import EngineClient, EngineResult, Job, Permit, RolloutMap, ServedVersion
+from app.engine import (
+    EngineClient,
+    EngineResult,
+    Job,
+    Permit,
+    RolloutMap,
+    ServedVersion,
+    check_rollout,
+)
 from app.models.spec import ModelSpec, RolloutParams
 from app.pipeline.postprocess import Prediction
 from app.pipeline.postprocess import top_k as top_k_of
@@ -94,8 +102,6 @@ class ClassifyService:
         permit: Permit,
         uploads: Sequence[Upload],
         *,
-        model: str | None = None,
-        version: int | None = None,
         top_k: int | None = None,
         resize: ResizePolicy = "crop",
         rollout: RolloutParams | None = None,
@@ -111,8 +117,10 @@ class ClassifyService:
         deadline = self._deadline(timeout_ms, arrived)
         started = time.perf_counter()
         # Held under the permit until the answer is made: a reload releases it only after.
-        target = self.engine.resolve(permit, model, version, rollout)
+        target = permit.served
         records.note_model(target.name)
+        if rollout is not None:
+            check_rollout(target, rollout)
         k = self._top_k(top_k, target.spec)
         self._check_count(len(uploads))
         prepared = await self.preprocessor.prepare_all(
@@ -164,8 +172,6 @@ class ClassifyService:
         permit: Permit,
         images: Sequence[Upload] | NDArray[np.uint8],
         *,
-        model: str | None = None,
-        version: int | None = None,
         resize: ResizePolicy = "crop",
         rollout: RolloutParams | None = None,
         one_grid: bool = False,
@@ -181,8 +187,10 @@ class ClassifyService:
         """
         deadline = self._deadline(timeout_ms, arrived)
         started = time.perf_counter()
-        target = self.engine.resolve(permit, model, version, rollout)
+        target = permit.served
         records.note_model(target.name)
+        if rollout is not None:
+            check_rollout(target, rollout)
         if isinstance(images, np.ndarray):
             grids = self._check_patches(images, target)
             patches: Sequence[NDArray[np.uint8]] = list(images)

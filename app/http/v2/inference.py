@@ -140,18 +140,20 @@ def parse_version(model: str, version: str) -> int | None:
     return int(version)
 
 
-def _described(service: ClassifyService, model: str, version: str) -> tuple[ModelDescription, int]:
+async def _described(
+    service: ClassifyService, model: str, version: str
+) -> tuple[ModelDescription, int]:
     """The model and the version number a request names: the same 404 and 503 as /classify's
     for what the engine does not serve."""
-    target = service.engine.lookup(model, parse_version(model, version))
+    target = await service.engine.lookup(model, parse_version(model, version))
     found = service.engine.describe().model(target.name)
     if found is None:  # removed by a reload in between
         raise ModelNotReadyError(f"model '{shown(model)}' is not being served; retry")
     return found, target.version
 
 
-def model_metadata(service: ClassifyService, model: str, version: str) -> ModelMetadata:
-    found, number = _described(service, model, version)
+async def model_metadata(service: ClassifyService, model: str, version: str) -> ModelMetadata:
+    found, number = await _described(service, model, version)
     target = next(v for v in found.versions if v.version == number)
     arch = target.spec.architecture
     outputs = [
@@ -186,10 +188,10 @@ def model_metadata(service: ClassifyService, model: str, version: str) -> ModelM
     )
 
 
-def model_ready(service: ClassifyService, model: str, version: str) -> bool:
+async def model_ready(service: ClassifyService, model: str, version: str) -> bool:
     """The version can take requests now: served, and the engine ready (UnknownModelError or
     ModelNotReadyError for what is not served)."""
-    _described(service, model, version)
+    await _described(service, model, version)
     return service.engine.readiness().loaded
 
 
@@ -306,8 +308,6 @@ async def infer(
     result = await service.infer(
         permit,
         images,
-        model=request.model,
-        version=parse_version(request.model, request.version),
         resize=_resize(params),
         rollout=rollout,
         one_grid=wants_rollout,

@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse
 
 from app.core.errors import BusyError, NotReadyError
 from app.core.records import current_request
-from app.engine import BUSY_MESSAGE
 from app.http import frontdoor
 from app.http.auth import API_KEY_SECURITY, check_api_key
 from app.http.frontdoor import get_service, header_timeout_ms
@@ -150,7 +149,7 @@ async def model_metadata(request: Request) -> Response:
     model_name, model_version = _target(request)
     try:
         service = await get_service(request)
-        meta = protocol.model_metadata(service, model_name, model_version)
+        meta = await protocol.model_metadata(service, model_name, model_version)
     except Exception as exc:
         return error_response(exc)
     body = ModelMetadataResponse(
@@ -185,7 +184,7 @@ async def model_ready(request: Request) -> Response:
     model_name, model_version = _target(request)
     try:
         service = await get_service(request)
-        if not protocol.model_ready(service, model_name, model_version):
+        if not await protocol.model_ready(service, model_name, model_version):
             raise NotReadyError(f"model '{model_name}' is not being served; retry")
         if frontdoor.draining(request):
             raise NotReadyError("the server is shutting down")
@@ -232,9 +231,10 @@ async def infer(request: Request) -> Response:
         service = await get_service(request)
         header_timeout = header_timeout_ms(request)
         try:
-            permit = service.engine.admit()
+            version = protocol.parse_version(model_name, model_version)
+            permit = await service.engine.admit(model_name, version)
         except BusyError:
-            return await frontdoor.refuse(request, 503, BUSY_MESSAGE, "error")
+            return await frontdoor.refuse_busy(request, "error")
         try:
             settings = service.settings
             body = await read_body(request, settings.upload_max_bytes, settings.body_read_timeout_s)
