@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,14 +13,14 @@ from fastapi import FastAPI
 from app.core import collector
 from app.core.logs import configure_logging
 from app.core.settings import Settings
-from app.engine import Engine, ModelTable
+from app.engine import Engine, ModelTable, RemoteEngine
 from app.grpc.server import GrpcFrontDoor
 from app.http.admin import router as admin_router
 from app.http.cors import install_cors
 from app.http.direct import DirectRoute
 from app.http.errors import install_error_handlers
 from app.http.frontdoor import readiness
-from app.http.metrics import Metrics
+from app.http.metrics import MULTIPROC_ENV, Metrics
 from app.http.middleware import Lifecycle, RequestMiddleware, install_metrics
 from app.http.page import install_page
 from app.http.routes import classify_route, router
@@ -31,40 +32,54 @@ from app.runtime.sessions import BackendFactory, RolloutBackendFactory
 log = logging.getLogger(__name__)
 
 
+def load_engine(
+    settings: Settings,
+    backend_factory: BackendFactory | None = None,
+    rollout_factory: RolloutBackendFactory | None = None,
+) -> Engine:
+    """Load (and warm) every model version and make the engine that serves them; blocking."""
+    return Engine(settings, ModelTable.load(settings, backend_factory, rollout_factory))
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     backend_factory: BackendFactory | None = None,
     rollout_factory: RolloutBackendFactory | None = None,
+    engine_address: str | None = None,
 ) -> FastAPI:
     """The service for `settings` (default: from the environment).
 
     `backend_factory` and `rollout_factory` replace ONNX Runtime for the plain and the rollout
     graphs (tests use fakes; a rollout factory that returns None serves no maps); the lifespan
     loads the repository, creates and warms the sessions, starts the batcher, and drains it on
-    shutdown.
+    shutdown. With `engine_address` this is a front-end process: the engine runs in another
+    process (app/engine/host.py), reached there, and this one loads no model.
     """
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
-    metrics = Metrics()
+    # A front end of several: its metrics go to the replica's shared folder (app/server.py).
+    metrics = Metrics(multiprocess_dir=os.environ.get(MULTIPROC_ENV) if engine_address else None)
     lifecycle = Lifecycle()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         collector.tune_once()  # before the models: their sessions stay collectable
-        # Loading hashes graphs and builds sessions: keep the event loop free meanwhile. A
-        # repository that cannot be served raises here, and the server does not start.
-        models = await asyncio.to_thread(
-            ModelTable.load, settings, backend_factory, rollout_factory
-        )
-        engine = Engine(settings, models)
+        engine: Engine | RemoteEngine
+        if engine_address is None:
+            # Loading hashes graphs and builds sessions: keep the event loop free meanwhile. A
+            # repository that cannot be served raises here, and the server does not start.
+            engine = await asyncio.to_thread(
+                load_engine, settings, backend_factory, rollout_factory
+            )
+            engine.observe(metrics)  # the domain reports to hooks and never imports Prometheus
+            engine.start()
+        else:
+            engine = RemoteEngine(engine_address, settings.shared_memory_bytes)
+            await engine.start(timeout_s=settings.engine_start_timeout_s)
         service = ClassifyService(settings, engine)
         previous_limit = configure_pillow(settings.image_max_pixels)
-        # The observers: the domain reports to these hooks and never imports Prometheus.
         metrics.watch(engine, lambda: readiness(engine, lifecycle.draining).ready)
-        models.on_change = lambda: metrics.show_models(engine.describe())
-        engine.observe(metrics)
-        engine.start()
         app.state.engine = engine
         app.state.service = service
         # The Open Inference Protocol over gRPC, in this event loop, when a port is set.
@@ -72,10 +87,11 @@ def create_app(
         if settings.grpc_port is not None:
             grpc_door = GrpcFrontDoor(service, settings, metrics, lifecycle)
             app.state.grpc_port = await grpc_door.start()
+        described = engine.describe()
         log.info(
             "started: %d model(s) serving, %d not ready, in %s",
-            len(models.repository.models),
-            len(models.repository.unavailable),
+            len(described.models),
+            len(described.not_ready),
             settings.model_repo,
         )
         try:

@@ -27,18 +27,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import logging.config
 import math
+import os
 import signal
 import socket
+import sys
 import time
 from types import FrameType
 from typing import Any
 
 import uvicorn
+import uvloop
 
 from app.core.settings import Settings
+from app.engine import EngineHost
+from app.http.metrics import MULTIPROC_ENV, Metrics
 from app.http.middleware import Lifecycle
-from app.main import create_app
+from app.main import create_app, load_engine
+from app.supervisor import Supervisor
 from app.transport.connections import (
     ConnectionLimits,
     ConnectionRegistry,
@@ -137,8 +144,10 @@ def log_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def build_server(settings: Settings) -> DrainingServer:
-    app = create_app(settings)
+def build_server(settings: Settings, engine_address: str | None = None) -> DrainingServer:
+    """The HTTP server, its app holding the engine, or a front end of the engine at
+    `engine_address` (app/supervisor.py)."""
+    app = create_app(settings, engine_address=engine_address)
     limits = ConnectionLimits.from_settings(settings, open_files_limit())
     config = uvicorn.Config(
         app,
@@ -165,15 +174,67 @@ def build_server(settings: Settings) -> DrainingServer:
     return DrainingServer(config, app.state.lifecycle, settings.shutdown_delay_s)
 
 
+def shared_listener(settings: Settings) -> socket.socket:
+    """This front end's own listener on the replica's port: SO_REUSEPORT, so that each front
+    end has its own accept queue (and closes only its own when it drains), and the kernel
+    spreads new connections over them."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(settings.backlog)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve_engine(settings: Settings, address: str) -> None:
+    """The engine process: load and warm the models, serve the front ends until SIGTERM, then
+    finish what is queued (within `drain_timeout_s`)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    engine = await asyncio.to_thread(load_engine, settings)
+    # Its batches' metrics, to the replica's folder: the front ends add them up.
+    engine.observe(Metrics(multiprocess_dir=os.environ.get(MULTIPROC_ENV)))
+    host = EngineHost(engine)
+    engine.start()
+    await host.start(address)
+    log.info("engine: serving the front ends")
+    await stop.wait()
+    log.info("engine: stopping")
+    await engine.stop()
+    await host.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the model repository over HTTP.")
     parser.add_argument("--host", help="default: VIT_SERVE_HOST or 127.0.0.1")
     parser.add_argument("--port", type=int, help="default: VIT_SERVE_PORT or 8000")
+    parser.add_argument(
+        "--role",
+        choices=["server", "engine", "front-end"],
+        default="server",
+        help="what this process is (the supervisor starts engine and front-end processes)",
+    )
+    parser.add_argument("--engine", help="the engine process's address (for its children)")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = Settings(**overrides)
+    if args.role == "engine":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor says when to stop
+        logging.config.dictConfig(log_config(settings))
+        uvloop.run(serve_engine(settings, args.engine))
+        return
     # Before anything opens files: every connection holds one.
     raise_open_files_limit()
-    build_server(Settings(**overrides)).run()
+    if args.role == "front-end":
+        build_server(settings, engine_address=args.engine).run(sockets=[shared_listener(settings)])
+    elif settings.workers > 1:
+        logging.config.dictConfig(log_config(settings))
+        sys.exit(Supervisor(settings).run())
+    else:
+        build_server(settings).run()
 
 
 if __name__ == "__main__":

@@ -97,6 +97,28 @@ class Settings(BaseSettings):
         "sending first (python -m app.server)",
     )
 
+    # Processes (python -m app.server).
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="front-end processes, each with the HTTP and gRPC doors and its own "
+        "decode threads, beside one engine process that owns the sessions and the batcher; "
+        "1: a single process holding both",
+    )
+    shared_memory_bytes: int = Field(
+        default=1 << 30,
+        ge=1 << 20,
+        description="each front end's shared memory with the engine (its requests' patches "
+        "and outputs); pages are used as requests touch them, not reserved",
+    )
+    engine_start_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="how long a front end waits at start for the engine process (loading and "
+        "warming models, building TensorRT engines)",
+    )
+
     # Threads and execution providers.
     preprocess_threads: int = Field(default=2, gt=0)
     intra_op_threads: int = Field(default=0, ge=0, description="0: ONNX Runtime's default")

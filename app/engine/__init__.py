@@ -32,6 +32,8 @@ from app.engine.engine import (
     VersionDescription,
     check_rollout,
 )
+from app.engine.host import EngineHost
+from app.engine.remote import RemoteEngine
 from app.engine.table import ModelTable, ReloadReport
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "Description",
     "Engine",
     "EngineClient",
+    "EngineHost",
     "EngineResult",
     "InferenceError",
     "Job",
@@ -55,6 +58,7 @@ __all__ = [
     "Permit",
     "Readiness",
     "ReloadReport",
+    "RemoteEngine",
     "RolloutMap",
     "ServedVersion",
     "ShuttingDownError",

@@ -161,6 +161,10 @@ class EngineClient(Protocol):
 
     async def reload(self) -> ReloadReport: ...
 
+    async def stats(self) -> tuple[int, int]:
+        """(images queued, the queue's capacity) now."""
+        ...
+
 
 class Engine:
     def __init__(self, settings: Settings, table: ModelTable) -> None:
@@ -332,6 +336,9 @@ class Engine:
 
     async def reload(self) -> ReloadReport:
         return await self.table.reload()
+
+    async def stats(self) -> tuple[int, int]:
+        return self.queued, self.queue_capacity
 
 
 def check_rollout(served: ServedVersion, params: RolloutParams) -> None:

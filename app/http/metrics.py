@@ -1,5 +1,11 @@
 """Prometheus metrics: one registry per app, fed by small hooks on the request path.
 
+With several processes (app/server.py's supervisor: front ends and an engine), every process
+writes its counters and histograms to files in one folder (prometheus_client's multiprocess
+mode), and any front end's GET /metrics adds them all up: one /metrics per replica. What the
+replica is now (ready, queue depth, the models served) is read from the engine when scraped,
+the same from every front end.
+
 Latencies are histograms (never summaries) so quantiles aggregate across replicas in PromQL
 (`histogram_quantile(0.99, sum by (le) (rate(..._bucket[5m])))`). Request-scoped facts (which
 model a request resolved to, how long its preprocessing took) arrive in each request's record
@@ -10,7 +16,7 @@ batch size) through the batcher's observer hook, which app/main.py connects.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -22,13 +28,19 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from app.core.records import RequestRecord
 
 if TYPE_CHECKING:
-    from app.engine import BatchKey, Description, Engine
+    from app.engine import BatchKey, EngineClient
 
 NAMESPACE = "vit_serve"
+# The folder of a replica's metrics files, set for each of its processes before
+# prometheus_client is imported (prometheus_client reads it then).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Seconds, ~1.5x apart from 1 ms to 10 s: p99 interpolated inside a bucket is off by at most
 # one step, and a CPU demo model's few-millisecond batches still land in distinct buckets.
@@ -76,15 +88,24 @@ def error_reason(exc: BaseException) -> str:
 class Metrics:
     """Every metric of one app, on its own registry (tests build many apps in one process)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, multiprocess_dir: str | None = None
+    ) -> None:
+        """`multiprocess_dir`: this process is one of several of a replica, whose metrics
+        files are in that folder (PROMETHEUS_MULTIPROC_DIR, set before prometheus_client was
+        first imported)."""
         # No `_created` series beside every counter and histogram: twice the series, and
         # Prometheus reads resets from the counters themselves. (A process-wide switch.)
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = multiprocess_dir
         self._children: dict[tuple[object, ...], Any] = {}  # see `_labelled`
         r = self.registry
         ns = NAMESPACE
-        ProcessCollector(registry=r)
+        self.replica = ReplicaState()
+        if multiprocess_dir is None:
+            ProcessCollector(registry=r)  # one process's: meaningless summed over several
+            r.register(self.replica)
         # `protocol`: http, v2-http or v2-grpc. gRPC requests are counted under their method
         # (route "/inference.GRPCInferenceService/ModelInfer") with the HTTP status the same
         # answer gets over REST, so one query covers every front door.
@@ -122,6 +143,7 @@ class Metrics:
             "HTTP requests being served (probes excluded)",
             namespace=ns,
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_wait = Histogram(
             "queue_wait_seconds",
@@ -163,61 +185,23 @@ class Metrics:
             buckets=BATCH_TOKEN_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge(
-            "queue_depth", "images admitted and waiting for a batch", namespace=ns, registry=r
-        )
-        self.queue_capacity = Gauge(
-            "queue_capacity",
-            "images the queue admits before answering 503",
-            namespace=ns,
-            registry=r,
-        )
-        self.ready = Gauge(
-            "ready", "1 while /readyz answers 200 (loaded, not draining)", namespace=ns, registry=r
-        )
-        self.models_not_ready = Gauge(
-            "models_not_ready",
-            "models and model versions in the repository that cannot serve (see GET /models)",
-            namespace=ns,
-            registry=r,
-        )
-        self.model_info = Gauge(
-            "model_info",
-            "1 for each served model version, with the provider that runs its graph (from ONNX "
-            "Runtime's node assignment), the provider wanted for it (they differ after a "
-            "fallback), native grid and graph form (optimization: none, fused, fp16, int8)",
-            ["model", "version", "provider", "wanted", "grid", "optimization"],
-            namespace=ns,
-            registry=r,
-        )
 
     # --- hooks -----------------------------------------------------------------------------
 
-    def watch(self, engine: Engine, ready: Callable[[], bool]) -> None:
-        """Gauges read from the running engine at scrape time, and the served models now;
-        `ready`: the front doors' readiness answer."""
-        self.queue_depth.set_function(lambda: engine.queued)
-        self.ready.set_function(lambda: float(ready()))
-        self.queue_capacity.set(engine.queue_capacity)
-        self.show_models(engine.describe())
+    def watch(self, engine: EngineClient, ready: Callable[[], bool]) -> None:
+        """The replica's gauges, read from the engine at scrape time; `ready`: the front
+        doors' readiness answer."""
+        self.replica.engine = engine
+        self.replica.ready = ready
 
-    def show_models(self, described: Description) -> None:
-        """One `model_info` series per served version; re-run whenever a reload or a fault
-        changes what is served."""
-        self.model_info.clear()
-        for model in described.models:
-            for version in model.versions:
-                grid = version.spec.architecture.grid
-                placement = version.placement
-                self.model_info.labels(
-                    model=model.name,
-                    version=str(version.version),
-                    provider=placement.provider,
-                    wanted=placement.wanted or placement.provider,
-                    grid=f"{grid[0]}x{grid[1]}",
-                    optimization=version.form,
-                ).set(1)
-        self.models_not_ready.set(len(described.not_ready))
+    async def refresh(self) -> None:
+        """Read what the engine alone knows now (its queue), before an exposition."""
+        engine = self.replica.engine
+        if engine is not None:
+            try:
+                self.replica.queue = await engine.stats()
+            except Exception:  # an engine away: no queue to show
+                self.replica.queue = None
 
     def _labelled(self, metric: Histogram | Counter, *values: str) -> Any:
         """`metric.labels(*values)`, kept: prometheus_client checks and locks on every call, and
@@ -263,4 +247,64 @@ class Metrics:
             self._labelled(self.errors, route, code, reason, protocol).inc()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        # Every process's counters and histograms, summed; then the replica's state.
+        summed = CollectorRegistry()
+        MultiProcessCollector(summed, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        state = CollectorRegistry()
+        state.register(self.replica)
+        return generate_latest(summed) + generate_latest(state)
+
+
+class ReplicaState(Collector):
+    """The gauges of what the replica is now, made at each scrape from the engine's answers."""
+
+    def __init__(self) -> None:
+        self.engine: EngineClient | None = None
+        self.ready: Callable[[], bool] = lambda: False
+        self.queue: tuple[int, int] | None = None  # (queued, capacity), from `refresh`
+
+    def collect(self) -> Iterator[Metric]:
+        ns = NAMESPACE
+        queued, capacity = self.queue or (0, 0)
+        yield GaugeMetricFamily(
+            f"{ns}_queue_depth", "images admitted and waiting for a batch", value=queued
+        )
+        yield GaugeMetricFamily(
+            f"{ns}_queue_capacity", "images the queue admits before answering 503", value=capacity
+        )
+        yield GaugeMetricFamily(
+            f"{ns}_ready",
+            "1 while /readyz answers 200 (loaded, not draining)",
+            value=float(self.ready()),
+        )
+        described = None if self.engine is None else self.engine.describe()
+        yield GaugeMetricFamily(
+            f"{ns}_models_not_ready",
+            "models and model versions in the repository that cannot serve (see GET /models)",
+            value=0 if described is None else len(described.not_ready),
+        )
+        info = GaugeMetricFamily(
+            f"{ns}_model_info",
+            "1 for each served model version, with the provider that runs its graph (from ONNX "
+            "Runtime's node assignment), the provider wanted for it (they differ after a "
+            "fallback), native grid and graph form (optimization: none, fused, fp16, int8)",
+            labels=["model", "version", "provider", "wanted", "grid", "optimization"],
+        )
+        for model in () if described is None else described.models:
+            for version in model.versions:
+                grid = version.spec.architecture.grid
+                placement = version.placement
+                info.add_metric(
+                    [
+                        model.name,
+                        str(version.version),
+                        placement.provider,
+                        placement.wanted or placement.provider,
+                        f"{grid[0]}x{grid[1]}",
+                        version.form,
+                    ],
+                    1,
+                )
+        yield info

@@ -186,6 +186,7 @@ def install_metrics(app: FastAPI, metrics: Metrics) -> None:
     """
 
     async def metrics_endpoint(_: Request) -> Response:
+        await metrics.refresh()
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)

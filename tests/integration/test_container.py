@@ -216,7 +216,11 @@ def test_the_image_holds_the_cpu_wheel_and_neither_torch_nor_the_gpu_wheel(
     assert found["torch"] is False and "torch" not in dists
     assert "onnxruntime-gpu" not in dists
     assert not [d for d in dists if d.startswith(("nvidia-", "tensorrt"))]
-    assert dists["onnxruntime"] == global_args()["ORT_VERSION"]
+    # Exactly the lock's versions: the image installs the CPU lock and nothing else.
+    locked = locked_versions(global_args()["CPU_LOCK"])
+    assert dists["onnxruntime"] == locked["onnxruntime"] == pinned_ort_version()
+    others = {d: v for d, v in dists.items() if d not in ("vit-serve", "setuptools")}
+    assert {d: locked.get(d) for d in others} == others
     assert "pip" not in dists  # nothing installs at run time
 
     size_mb = cpu_image.size_bytes / 1e6

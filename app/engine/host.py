@@ -1,0 +1,248 @@
+"""The engine process's side of the boundary: the engine, served to front-end processes.
+
+Each front end connects over a Unix socket (an abstract address: nothing on the filesystem),
+hands over its shared memory (app/engine/arena.py) with its first message, and then sends
+admissions, jobs, cancellations and releases (app/engine/wire.py). The host answers each one,
+and pushes the engine's state (readiness, description) to every front end when it changes. A
+front end that goes away has its jobs cancelled and its permits released at once: its request
+places come back, and its shared memory goes with the last mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import app.engine.wire as wire
+from app.core.errors import ServiceError
+from app.engine.arena import Arena, Layout
+from app.engine.engine import Engine, Job, Permit
+
+log = logging.getLogger(__name__)
+
+HELLO_BYTES = 64 * 1024
+
+
+@dataclass(eq=False)
+class _FrontEnd:
+    number: int
+    pid: int
+    arena: Arena
+    writer: asyncio.StreamWriter
+    permits: dict[int, Permit] = field(default_factory=dict)
+    jobs: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(wire.pack(message))
+
+
+def _receive_hello(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """The first message and the descriptors that came with it (blocking; in a thread)."""
+    conn.setblocking(True)
+    conn.settimeout(10.0)
+    data, fds, _, _ = socket.recv_fds(conn, HELLO_BYTES, 4)
+    if len(data) < 4:
+        raise wire.ProtocolError("no hello")
+    message = wire.unpack(data[4:])
+    if not isinstance(message, dict) or message.get("op") != "hello":
+        raise wire.ProtocolError("the first message is not a hello")
+    return message, fds
+
+
+class EngineHost:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._front_ends: dict[int, _FrontEnd] = {}
+        self._numbers = itertools.count(1)
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        engine.table.on_change = self.changed
+
+    async def start(self, address: str) -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(wire.socket_address(address))
+        listener.listen(64)
+        listener.setblocking(False)
+        self._listener = listener
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(), name="accept")
+
+    async def stop(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        if self._listener is not None:
+            self._listener.close()
+        for front in list(self._front_ends.values()):
+            front.writer.close()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "op": "state",
+            "readiness": wire.readiness_of(self.engine.readiness()),
+            "description": wire.description_of(self.engine.describe()),
+        }
+
+    def changed(self) -> None:
+        """What is served changed (a reload, a broken version, the engine started): tell every
+        front end, before any answer that depends on it."""
+        state = self.state()
+        for front in self._front_ends.values():
+            front.send(state)
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            task = loop.create_task(self._serve(conn), name="front-end")
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            hello, fds = await loop.run_in_executor(None, _receive_hello, conn)
+        except (OSError, wire.ProtocolError, ValueError) as exc:
+            log.warning("a front end's hello failed: %s", exc)
+            conn.close()
+            return
+        if len(fds) != 1:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            conn.close()
+            return
+        conn.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(sock=conn)
+        front = _FrontEnd(
+            next(self._numbers), int(hello["pid"]), Arena.attach(fds[0], int(hello["size"])), writer
+        )
+        self._front_ends[front.number] = front
+        log.info("front end %d (pid %d) connected", front.number, front.pid)
+        front.send({**self.state(), "op": "welcome"})
+        try:
+            while True:
+                message = await wire.read(reader)
+                if message is None:
+                    break
+                self._dispatch(front, message)
+        except (ConnectionError, wire.ProtocolError, asyncio.IncompleteReadError) as exc:
+            log.warning("front end %d: %s", front.number, exc)
+        finally:
+            self._gone(front)
+
+    def _gone(self, front: _FrontEnd) -> None:
+        """A front end went away: its jobs are cancelled and its places come back."""
+        self._front_ends.pop(front.number, None)
+        for job in list(front.jobs.values()):
+            job.cancel()
+        for permit in front.permits.values():
+            permit.release()
+        front.permits.clear()
+        front.writer.close()
+        log.info("front end %d (pid %d) disconnected", front.number, front.pid)
+
+    def _dispatch(self, front: _FrontEnd, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        ident = message.get("id")
+        try:
+            if op == "admit":
+                permit = self.engine.admit_now(message["model"], message["version"])
+                front.permits[permit.number] = permit
+                served = permit.served
+                front.send(
+                    {
+                        "id": ident,
+                        "permit": permit.number,
+                        "name": served.name,
+                        "version": served.version,
+                    }
+                )
+            elif op == "release":
+                held = front.permits.pop(int(message["permit"]), None)
+                if held is not None:
+                    held.release()
+            elif op == "infer":
+                task = asyncio.get_running_loop().create_task(self._infer(front, message))
+                front.jobs[int(message["id"])] = task
+            elif op == "cancel":
+                job = front.jobs.get(int(message["job"]))
+                if job is not None:
+                    job.cancel()
+            elif op == "lookup":
+                served = self.engine.lookup_now(message["model"], message["version"])
+                front.send({"id": ident, "name": served.name, "version": served.version})
+            elif op == "reload":
+                asyncio.get_running_loop().create_task(self._reload(front, ident))
+            elif op == "stats":
+                front.send(
+                    {
+                        "id": ident,
+                        "queued": self.engine.queued,
+                        "capacity": self.engine.queue_capacity,
+                    }
+                )
+            else:
+                raise wire.ProtocolError(f"unknown operation {op!r}")
+        except ServiceError as exc:
+            front.send({"id": ident, "error": wire.error_of(exc)})
+        except wire.ProtocolError:
+            raise
+        except Exception as exc:
+            log.exception("engine operation %s failed", op)
+            front.send({"id": ident, "error": wire.error_of(exc)})
+
+    async def _infer(self, front: _FrontEnd, message: dict[str, Any]) -> None:
+        ident = int(message["id"])
+        try:
+            permit = front.permits.get(int(message["permit"]))
+            if permit is None:
+                raise RuntimeError("a job under a permit this front end does not hold")
+            layout = Layout(
+                grids=tuple((int(h), int(w)) for h, w in message["grids"]),
+                patch_dim=int(message["patch_dim"]),
+                classes=int(message["classes"]),
+                rollout=message["rollout"] is not None,
+            )
+            block = int(message["block"])
+            job = Job(
+                front.arena.patches(block, layout),
+                wire.rollout_from(message["rollout"]),
+                float(message["deadline"]),
+            )
+            result = await self.engine.infer(permit, job)
+            logits = front.arena.logits(block, layout)
+            probs = front.arena.probs(block, layout)
+            maps = front.arena.rollouts(block, layout) if layout.rollout else []
+            for i, output in enumerate(result.outputs):
+                logits[i] = output.logits
+                probs[i] = output.probs
+                if layout.rollout and output.rollout is not None:
+                    maps[i][...] = output.rollout
+            front.send({"id": ident, "ok": True})
+        except asyncio.CancelledError:
+            front.send({"id": ident, "error": {"type": "", "message": "cancelled"}})
+        except ServiceError as exc:
+            front.send({"id": ident, "error": wire.error_of(exc)})
+        except Exception as exc:
+            log.exception("a job failed in the engine")
+            front.send({"id": ident, "error": wire.error_of(exc)})
+        finally:
+            front.jobs.pop(ident, None)
+
+    async def _reload(self, front: _FrontEnd, ident: Any) -> None:
+        try:
+            report = await self.engine.reload()
+        except ServiceError as exc:
+            front.send({"id": ident, "error": wire.error_of(exc)})
+            return
+        front.send({"id": ident, "report": wire.report_of(report)})

@@ -1,0 +1,213 @@
+"""The engine's messages across a process boundary: framing, and what each plain value becomes.
+
+A message is a msgpack map behind a 4-byte big-endian length, on a Unix stream socket between
+one front-end process and the engine process. Tensors never travel here: they are written into
+the front end's shared memory (app/engine/arena.py) and named by offset and shape. What does
+travel: admissions, a job's grids, deadline and rollout parameters, errors (by class name and
+message, raised again on the other side as the same class), reload reports, and the engine's
+state (readiness and description), pushed to every front end whenever it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+import msgpack
+
+from app.core.errors import ServiceError
+from app.engine.engine import (
+    Description,
+    ModelDescription,
+    Readiness,
+    VersionDescription,
+)
+from app.engine.table import ReloadReport
+from app.models.repository import Unavailable
+from app.models.spec import ModelSpec, RolloutParams
+from app.runtime.providers import Placement
+
+_LENGTH = struct.Struct(">I")
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a description with many large label lists fits
+
+
+def socket_address(address: str) -> str:
+    """ "@name" is Linux's abstract namespace (nothing on the filesystem), written as the
+    command lines can carry it; anything else is a path."""
+    return "\0" + address[1:] if address.startswith("@") else address
+
+
+class ProtocolError(RuntimeError):
+    """The other side sent something that is not a message of this protocol."""
+
+
+def pack(message: dict[str, Any]) -> bytes:
+    body: bytes = msgpack.packb(message, use_bin_type=True)
+    return _LENGTH.pack(len(body)) + body
+
+
+def unpack(body: bytes) -> dict[str, Any]:
+    message = msgpack.unpackb(body, raw=False)
+    if not isinstance(message, dict):
+        raise ProtocolError("a message is a map")
+    return message
+
+
+async def read(reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    """The next message; None at a clean end of the stream."""
+    try:
+        head = await reader.readexactly(_LENGTH.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise ProtocolError("the stream ended inside a message's length") from exc
+        return None
+    (length,) = _LENGTH.unpack(head)
+    if length > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"a message of {length} bytes is over the limit")
+    return unpack(await reader.readexactly(length))
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def _service_errors() -> dict[str, type[ServiceError]]:
+    found: dict[str, type[ServiceError]] = {}
+    pending: list[type[ServiceError]] = [ServiceError]
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def error_of(exc: BaseException) -> dict[str, str]:
+    if isinstance(exc, ServiceError):
+        return {"type": type(exc).__name__, "message": exc.message}
+    return {"type": "", "message": f"{type(exc).__name__} in the engine; it is logged there"}
+
+
+def raise_error(error: dict[str, str]) -> None:
+    """The engine's error raised again here, as its own class where it is one of the service's
+    (so every door maps it to the same status); RuntimeError (a 500) otherwise."""
+    cls = _service_errors().get(error.get("type", ""))
+    if cls is None:
+        raise RuntimeError(error.get("message", "the engine failed"))
+    raise cls(error.get("message", ""))
+
+
+# --- values --------------------------------------------------------------------------------------
+
+
+def rollout_of(params: RolloutParams | None) -> list[Any] | None:
+    return None if params is None else [params.head_fusion, params.discard_ratio]
+
+
+def rollout_from(value: list[Any] | None) -> RolloutParams | None:
+    return None if value is None else RolloutParams(value[0], float(value[1]))
+
+
+def readiness_of(readiness: Readiness) -> dict[str, Any]:
+    return {"ready": readiness.ready, "reason": readiness.reason, "loaded": readiness.loaded}
+
+
+def readiness_from(value: dict[str, Any]) -> Readiness:
+    return Readiness(bool(value["ready"]), value["reason"], bool(value["loaded"]))
+
+
+def _placement_of(placement: Placement) -> dict[str, Any]:
+    return {
+        "provider": placement.provider,
+        "nodes": [list(n) for n in placement.nodes],
+        "compute": [list(n) for n in placement.compute],
+        "wanted": placement.wanted,
+        "fallback": placement.fallback,
+    }
+
+
+def _placement_from(value: dict[str, Any]) -> Placement:
+    return Placement(
+        value["provider"],
+        tuple((p, int(n)) for p, n in value["nodes"]),
+        tuple((p, int(n)) for p, n in value["compute"]),
+        value["wanted"],
+        value["fallback"],
+    )
+
+
+def _unavailable_of(u: Unavailable) -> list[Any]:
+    return [u.model, u.version, u.reason]
+
+
+def _unavailable_from(value: list[Any]) -> Unavailable:
+    return Unavailable(value[0], value[1], value[2])
+
+
+def description_of(description: Description) -> dict[str, Any]:
+    return {
+        "default_model": description.default_model,
+        "replica_not_ready": description.replica_not_ready,
+        "not_ready": [_unavailable_of(u) for u in description.not_ready],
+        "models": [
+            {
+                "name": m.name,
+                "default_version": m.default_version,
+                "max_tokens": m.max_tokens,
+                "versions": [
+                    {
+                        "version": v.version,
+                        "spec": v.spec.model_dump(mode="json"),
+                        "placement": _placement_of(v.placement),
+                        "rollout": v.rollout,
+                        "form": v.form,
+                    }
+                    for v in m.versions
+                ],
+            }
+            for m in description.models
+        ],
+    }
+
+
+def description_from(value: dict[str, Any]) -> Description:
+    return Description(
+        default_model=value["default_model"],
+        models=tuple(
+            ModelDescription(
+                name=m["name"],
+                default_version=m["default_version"],
+                versions=tuple(
+                    VersionDescription(
+                        version=v["version"],
+                        spec=ModelSpec.model_validate(v["spec"]),
+                        placement=_placement_from(v["placement"]),
+                        rollout=v["rollout"],
+                        form=v["form"],
+                    )
+                    for v in m["versions"]
+                ),
+                max_tokens=m["max_tokens"],
+            )
+            for m in value["models"]
+        ),
+        not_ready=tuple(_unavailable_from(u) for u in value["not_ready"]),
+        replica_not_ready=value["replica_not_ready"],
+    )
+
+
+def report_of(report: ReloadReport) -> dict[str, Any]:
+    return {
+        "loaded": report.loaded,
+        "unloaded": report.unloaded,
+        "unchanged": report.unchanged,
+        "failed": [_unavailable_of(u) for u in report.failed],
+    }
+
+
+def report_from(value: dict[str, Any]) -> ReloadReport:
+    return ReloadReport(
+        loaded=list(value["loaded"]),
+        unloaded=list(value["unloaded"]),
+        unchanged=list(value["unchanged"]),
+        failed=[_unavailable_from(u) for u in value["failed"]],
+    )
