@@ -171,6 +171,13 @@ class Settings(BaseSettings):
         description="look for new, changed or removed models this often and reload them; 0: "
         "only on POST /admin/reload",
     )
+    simulated_curve: Path | None = Field(
+        default=None,
+        description="benchmarks only: serve every model version on a simulated accelerator that "
+        "sleeps for the batch times in this JSON file (bench/results/gpu_check.json, or "
+        '{"tokens_per_image": N, "points": [[batch, ms], ...]}) and answers made-up logits, '
+        "so the service's own CPU cost can be measured without a GPU (app/runtime/simulated.py)",
+    )
     warmup: bool = Field(default=True, description="run each model once at start")
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = Field(

@@ -26,6 +26,7 @@ from app.runtime.backends import Backend, OnnxBackend, OnnxRolloutBackend, Rollo
 from app.runtime.fallback import open_on_best, placement_of, placements_of
 from app.runtime.placement import ExecutionPlan, execution_plan
 from app.runtime.providers import Placement
+from app.runtime.simulated import simulated_backends, simulated_rollout_backends
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,10 @@ def _log_placement(
 def onnx_backends(settings: Settings) -> BackendFactory:
     """The production factory: an ONNX Runtime session per model version, on the providers and
     options of its `execution_plan`, warmed up (on TensorRT: the engine is built, or loaded
-    from the cache, here, not on a request)."""
+    from the cache, here, not on a request). With `simulated_curve` set, the simulated
+    accelerator's backends instead (benchmarks only)."""
+    if settings.simulated_curve is not None:
+        return simulated_backends(settings.simulated_curve)
 
     def load(version: ModelVersion) -> Backend:
         backend, plan = open_backend(settings, version)
@@ -240,7 +244,10 @@ def onnx_backends(settings: Settings) -> BackendFactory:
 
 def onnx_rollout_backends(settings: Settings) -> RolloutBackendFactory:
     """A session per version's rollout graph, where it has one, created and warmed at start
-    (CUDA first on a GPU: see `app.runtime.providers.takes_tensorrt`)."""
+    (CUDA first on a GPU: see `app.runtime.providers.takes_tensorrt`); the simulated
+    accelerator's with `simulated_curve` set."""
+    if settings.simulated_curve is not None:
+        return simulated_rollout_backends(settings.simulated_curve)
 
     def load(version: ModelVersion) -> RolloutBackend | None:
         if version.rollout_path is None or version.spec.rollout is None:
