@@ -177,14 +177,13 @@ def build_server(settings: Settings, engine_address: str | None = None) -> Drain
 def shared_listener(settings: Settings) -> socket.socket:
     """This front end's own listener on the replica's port: SO_REUSEPORT, so that each front
     end has its own accept queue (and closes only its own when it drains), and the kernel
-    spreads new connections over them."""
+    spreads new connections over them. Bound, not listening: uvicorn listens once the app has
+    started, so that no connection waits in the queue of a front end still starting."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((settings.host, settings.port))
-    sock.listen(settings.backlog)
-    sock.set_inheritable(True)
     return sock
 
 

@@ -130,6 +130,12 @@ class Supervisor:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _stop(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            # A second signal: passed on at once, cutting the front ends' delay short as it
+            # does for one process.
+            for child in self.front_ends:
+                if child.process is not None and child.process.poll() is None:
+                    child.process.send_signal(signal.SIGTERM)
         self.stopping = True
 
     def _watch(self) -> None:
