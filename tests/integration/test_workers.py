@@ -159,17 +159,19 @@ def test_admission_is_global_and_refused_before_the_body(tmp_path: Path) -> None
         "max_batch_size": "1",
         "warmup": "false",
     }
-    with served(tiny(tmp_path), tmp_path, **settings) as replica:
-        # Two places in the whole replica: one batch running, one image queued. Two requests
-        # take them (one after the other, so that neither front end's decoding is full)...
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            held = [pool.submit(classify, replica.url)]
-            time.sleep(0.5)
-            held.append(pool.submit(classify, replica.url))
-            time.sleep(0.5)
-            # ... and whichever front end the next six reach, they find no place.
-            refused = list(pool.map(lambda _: classify(replica.url), range(6)))
-            assert [h.result().status_code for h in held] == [200, 200]
+    # Two places in the whole replica: one batch running, one image queued. Two requests take
+    # them (one after the other, so that neither front end's decoding is full)...
+    with (
+        served(tiny(tmp_path), tmp_path, **settings) as replica,
+        concurrent.futures.ThreadPoolExecutor(8) as pool,
+    ):
+        held = [pool.submit(classify, replica.url)]
+        time.sleep(0.5)
+        held.append(pool.submit(classify, replica.url))
+        time.sleep(0.5)
+        # ... and whichever front end the next six reach, they find no place.
+        refused = list(pool.map(lambda _: classify(replica.url), range(6)))
+        assert [h.result().status_code for h in held] == [200, 200]
     assert [r.status_code for r in refused] == [503] * 6
     assert all(r.json() == {"detail": BUSY} and r.headers["retry-after"] == "1" for r in refused)
 
