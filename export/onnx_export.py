@@ -21,6 +21,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import onnxruntime as ort
@@ -278,7 +279,13 @@ def stage_graph(
     Every form's fp32 graph meets the same `atol` against PyTorch at `grids` (the fused graph's
     shapes stay symbolic, so the grids are the proof that fusing baked none in); the fp16
     graph must then agree with it on top-1 within `check_fp16`'s bound.
+
+    ValueError for a level it does not know (before any work): the last branch below is fp16,
+    which an unchecked typo would otherwise reach.
     """
+    if level not in get_args(OptimizationLevel):
+        known = ", ".join(get_args(OptimizationLevel))
+        raise ValueError(f"unknown optimisation level {level!r}; known levels: {known}")
     folded = model.folded()
     traced = staging / "traced.onnx"
     if level == "none":

@@ -28,8 +28,8 @@ TINY = "tiny"
 TINY_LABELS = [f"class-{i}" for i in range(10)]
 TINY_PREPROCESS = Preprocess(resize_mode="shorter_side", crop_pct=0.875, interpolation="bicubic")
 # The tiny model as the export wrote it (versions 1 and 2, different weights), kept in the tree so
-# that serving tests need no PyTorch. tests/export/test_parity.py checks it is what the export
-# writes today; `.venv/bin/python -m tests.export.tiny` rewrites it.
+# that serving tests need no PyTorch. tests/export/test_tiny_repository.py checks it is what the
+# export writes today; `.venv/bin/python -m tests.export.tiny` rewrites it.
 TINY_REPO = ROOT / "tests" / "model_repo"
 FORMATS_HINT = "send a JPEG, PNG, WebP, GIF, BMP or TIFF"
 

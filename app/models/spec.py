@@ -8,7 +8,10 @@ never imports the export code.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -197,7 +200,30 @@ class ModelSpec(_Frozen):
         return cls.model_validate(json.loads(path.read_text()))
 
     def dump(self, path: Path) -> None:
-        path.write_text(self.model_dump_json(indent=2) + "\n")
+        """Write `path` whole or not at all: the server polls the repository and may read
+        model.json at any moment, so the new text goes to a hidden temporary file beside it
+        (not matched by the poller's `*/model.json`), reaches the disk, and then replaces the
+        old file in one rename. A reader sees the old file or the new one, never a part."""
+        text = self.model_dump_json(indent=2) + "\n"
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as file:
+                os.fchmod(file.fileno(), mode)  # mkstemp's 0600 would hide it from the server
+                file.write(text)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        # The rename is an entry in the folder: sync that too, or a crash may undo it.
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def contract_tensors(

@@ -313,6 +313,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_fields > self.limits.header_max_bytes:
             raise HeadLimitError(headers_too_large(self.limits.header_max_bytes))
         name = name.lower()
+        # As uvicorn's own: llhttp keeps trailing whitespace, which RFC 9110 (5.5) excludes
+        # from a field's value.
+        value = value.rstrip(b" \t")
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
         self.headers.append((name, value))

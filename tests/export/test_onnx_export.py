@@ -19,6 +19,7 @@ from export.onnx_export import (
     export_rollout_graph,
     export_to_repository,
     parity_grids,
+    stage_graph,
 )
 from export.vit import VisionTransformer, ViTConfig
 
@@ -127,3 +128,15 @@ def test_export_refuses_to_write_a_graph_that_fails_parity(tmp_path: Path) -> No
     with pytest.raises(ParityError, match="nothing written"):
         _export(_model(), tmp_path, atol=0.0)
     assert not (tmp_path / "toy").exists()
+
+
+def test_an_unknown_optimisation_level_is_refused_not_exported_as_fp16(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A level the export does not know used to fall through every branch to fp16.
+    traced: list[Path] = []
+    monkeypatch.setattr("export.onnx_export.export_graph", lambda _m, path: traced.append(path))
+    with pytest.raises(ValueError, match=r"unknown optimisation level 'fp61'.*fp16"):
+        stage_graph(_model(), tmp_path, "fp61", parity_grids((6, 6)))  # type: ignore[arg-type]
+    assert traced == []  # refused before any graph was traced
+    assert list(tmp_path.iterdir()) == []

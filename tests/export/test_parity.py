@@ -1,11 +1,9 @@
 """The service against the PyTorch model it was exported from: patchify, the sessions' logits
-and rollout, /classify's answers; and the tiny repository the service's tests run on (without
-PyTorch) is what the export writes today."""
+and rollout, /classify's answers. (That the tiny repository the service's tests run on is what
+the export writes today: tests/export/test_tiny_repository.py.)"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,32 +13,13 @@ import torch
 
 from app.engine import softmax
 from app.models.repository import scan_repository
-from app.models.spec import HEAD_FUSIONS, SPEC_FILENAME, HeadFusion, ModelSpec, RolloutParams
+from app.models.spec import HEAD_FUSIONS, HeadFusion, ModelSpec, RolloutParams
 from app.pipeline.preprocess import ResizePolicy, patchify, prepare
 from app.runtime.backends import CPU, OnnxBackend, OnnxRolloutBackend
 from export.rollout import RolloutViT
 from export.vit import patchify as torch_patchify
-from tests.export.tiny import TinyTorchRepo, export_tiny
+from tests.export.tiny import TinyTorchRepo
 from tests.images import jpeg, png
-from tests.support import TINY, TINY_REPO
-
-
-def exported_spec(root: Path) -> dict[str, Any]:
-    """model.json as written, less each version's measured parity (its last digits depend on
-    the CPU's float kernels); the graphs' sha256 stay in."""
-    spec: dict[str, Any] = json.loads((root / TINY / SPEC_FILENAME).read_text())
-    for files in spec["versions"].values():
-        del files["optimization"]["max_abs_diff"]
-    return spec
-
-
-def test_the_tiny_repository_is_what_the_export_writes_today(tmp_path: Path) -> None:
-    export_tiny(tmp_path)
-    assert exported_spec(tmp_path) == exported_spec(TINY_REPO), (
-        "tests/model_repo is not what the export writes now: rewrite it with "
-        "`.venv/bin/python -m tests.export.tiny`"
-    )
-
 
 # --- patches, logits and rollout maps -----------------------------------------------------------
 

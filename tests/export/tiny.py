@@ -1,7 +1,7 @@
 """The tiny test model's PyTorch side: its weights, and the export that wrote tests/model_repo.
 
 After a change to the export that changes its graphs or model.json, rewrite the repository the
-service's tests use (tests/export/test_parity.py says when it is out of date):
+service's tests use (tests/export/test_tiny_repository.py says when it is out of date):
 
     .venv/bin/python -m tests.export.tiny
 """

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -27,13 +28,27 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import pytest
 
 from tests.integration.stack import answers, wait_until
 from tests.support import ROOT, free_port
+
+T = TypeVar("T")
+
+# The order of what this process sees (a request begun or answered, a signal sent, an exit):
+# the tests ask what happened before what, and a count answers that whatever the machine's
+# speed, where timestamps and slack would not. (next() on a count is atomic under the GIL: the
+# load's event loop and podman's threads share it.)
+_EVENTS = itertools.count()
+
+
+def event() -> int:
+    """The next event's number: later events have larger ones."""
+    return next(_EVENTS)
+
 
 CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 CACHE = Path(
@@ -201,14 +216,14 @@ class Container:
     port: int
     process: subprocess.Popen[bytes]
     output: Path  # what `podman run` printed: the container's output and podman's own
-    exited_at: float | None = None  # time.monotonic() of the exit, seen by a watching thread
+    exited_at: int | None = None  # the event of the exit, seen by a watching thread
 
     def __post_init__(self) -> None:
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _watch(self) -> None:
         self.process.wait()
-        self.exited_at = time.monotonic()
+        self.exited_at = event()
 
     @property
     def url(self) -> str:
@@ -218,14 +233,16 @@ class Container:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def signal(self, name: str) -> float:
-        """Sends SIGTERM or SIGKILL as an orchestrator does (`podman kill`); when it was sent."""
+    def signal(self, name: str) -> tuple[int, int]:
+        """Sends SIGTERM or SIGKILL as an orchestrator does (`podman kill`); the events just
+        before it was sent and just after `podman kill` returned (it landed in between)."""
+        sending = event()
         self.podman("kill", f"--signal={name}", self.name)
-        return time.monotonic()
+        return sending, event()
 
     def wait(self, timeout_s: float) -> int:
         code = self.process.wait(timeout=timeout_s)
-        wait_until(lambda: self.exited_at is not None, 5, "the exit's time recorded")
+        wait_until(lambda: self.exited_at is not None, 5, "the exit recorded")
         return code
 
     def logs(self) -> list[str]:
@@ -315,15 +332,11 @@ class Outcome:
     """One request as the client saw it."""
 
     request_id: str
-    started: float  # time.monotonic()
-    ended: float
+    started: int  # the event of its start (see `event`)
+    ended: int  # and of its answer or error
     status: int | None  # None: no HTTP answer (the error names why)
     error: str | None = None
     retry_after: str | None = None
-
-    @property
-    def seconds(self) -> float:
-        return self.ended - self.started
 
 
 @dataclass
@@ -336,7 +349,7 @@ class Load:
     timeout_s: float
     body: Callable[[int], tuple[bytes, str]]
     outcomes: list[Outcome] = field(default_factory=list)
-    in_flight: dict[str, float] = field(default_factory=dict)  # request id -> started
+    in_flight: dict[str, int] = field(default_factory=dict)  # request id -> started
     stopped: bool = False
 
     def answered(self) -> int:
@@ -360,7 +373,7 @@ class Load:
                     return
                 content, content_type = self.body(i)
                 request_id = f"container-load-{i}"
-                started = time.monotonic()
+                started = event()
                 self.in_flight[request_id] = started
                 try:
                     response = await http.post(
@@ -371,13 +384,13 @@ class Load:
                     outcome = Outcome(
                         request_id,
                         started,
-                        time.monotonic(),
+                        event(),
                         response.status_code,
                         retry_after=response.headers.get("retry-after"),
                     )
                 except httpx.HTTPError as exc:
                     outcome = Outcome(
-                        request_id, started, time.monotonic(), None, f"{type(exc).__name__}: {exc}"
+                        request_id, started, event(), None, f"{type(exc).__name__}: {exc}"
                     )
                 del self.in_flight[request_id]
                 self.outcomes.append(outcome)
@@ -412,7 +425,7 @@ class Load:
             await asyncio.sleep(0.02)
 
 
-async def in_thread(call: Callable[[], float]) -> float:
+async def in_thread(call: Callable[[], T]) -> T:
     """A blocking call (podman) off the event loop, so the load's clients keep sending."""
     return await asyncio.get_running_loop().run_in_executor(None, call)
 

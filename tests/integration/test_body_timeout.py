@@ -65,9 +65,10 @@ def trickle_until_answered(sock: socket.socket) -> tuple[bytes, int]:
     connection open after answering.
     """
     sent = 0
-    deadline = time.monotonic() + 10 * TIMEOUT_S
+    deadline = time.monotonic() + 10 * TIMEOUT_S  # bounds a broken run; nothing is timed
     while not select.select([sock], [], [], TRICKLE_EVERY_S)[0]:
-        assert time.monotonic() < deadline, f"no answer after {sent} trickled bytes"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no answer after {sent} trickled bytes")
         sock.sendall(b"\x89")
         sent += 1
     chunks = []
@@ -91,37 +92,38 @@ def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
 def test_a_trickled_body_is_cut_off_with_a_408_while_others_are_served(
     server: LiveServer,
 ) -> None:
-    served: list[tuple[str, int, float]] = []  # (request, status, when it was answered)
+    # (request, status, whether the trickling client had its answer yet)
+    served: list[tuple[str, int, bool]] = []
+    answered = threading.Event()
 
     def others() -> None:
         with httpx.Client(base_url=server.base_url, timeout=5) as client:
             time.sleep(TRICKLE_EVERY_S)  # the trickle is under way
             for _ in range(2):
                 response = client.get("/healthz")
-                served.append(("GET /healthz", response.status_code, time.monotonic()))
+                served.append(("GET /healthz", response.status_code, answered.is_set()))
                 response = client.post(
                     "/classify", content=png(64, 64), headers={"content-type": "image/png"}
                 )
-                served.append(("POST /classify", response.status_code, time.monotonic()))
+                served.append(("POST /classify", response.status_code, answered.is_set()))
 
     meanwhile = threading.Thread(target=others)
     with trickling(server.base_url) as sock:
-        started = time.monotonic()
         meanwhile.start()
         raw, sent = trickle_until_answered(sock)
-        answered = time.monotonic()
+        answered.set()
     meanwhile.join(timeout=10)
 
     status, headers, body = parse(raw)
+    # Cut off by the deadline over the whole body (the detail names it), though each byte
+    # came well within any per-read timeout; and not at the first pause: bytes were taken.
     assert (status, json.loads(body)) == (408, {"detail": TIMED_OUT})
     assert headers["connection"] == "close"
-    # Cut off after the deadline over the whole body, though each byte came well within it.
-    assert TIMEOUT_S <= answered - started < TIMEOUT_S + 5, answered - started
     assert sent >= 3, sent
     # The server went on answering others while this client held its request open.
     assert [(what, code) for what, code, _ in served] == [
         ("GET /healthz", 200),
         ("POST /classify", 200),
     ] * 2
-    assert all(when < answered for _, _, when in served), (served, answered)
+    assert not served[0][2], served
     assert httpx.get(f"{server.base_url}/healthz", timeout=5).status_code == 200

@@ -14,7 +14,6 @@ import json
 import re
 import shutil
 import stat
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -355,7 +354,7 @@ def test_a_model_repository_mounted_read_only_elsewhere_is_served(
 SIGTERM_LOAD = 2000  # requests at most; the load ends as soon as every client was refused
 
 
-def test_sigterm_under_load_answers_every_request_once_and_exits_within_delay_plus_drain(
+def test_sigterm_under_load_answers_every_request_once_and_drains_before_it_exits(
     podman: cr.Podman, cpu_image: cr.Built, tmp_path: Path
 ) -> None:
     with cr.containers(podman, cpu_image.image, tmp_path, 1, DRAINING) as (container,):
@@ -366,7 +365,7 @@ def test_sigterm_under_load_answers_every_request_once_and_exits_within_delay_pl
             timeout_s=60,
             body=lambda i: (png_bytes(64, i % 8), "image/png"),
         )
-        sent: dict[str, float] = {}
+        sent: dict[str, tuple[int, int]] = {}
 
         async def script(load: cr.Load) -> None:
             await load.until(lambda: load.answered() >= 60, 30, "60 answers")
@@ -377,16 +376,17 @@ def test_sigterm_under_load_answers_every_request_once_and_exits_within_delay_pl
         # go elsewhere) and at its first refused connect (the listener has closed).
         asyncio.run(load.run(script, client_done=lambda o: o.status != 200))
         code = container.wait(timeout_s=SHUTDOWN_DELAY_S + DRAIN_TIMEOUT_S + 30)
-        assert container.exited_at is not None
-        term, seconds = sent["sigterm"], container.exited_at - sent["sigterm"]
+        # What happened before what is told by event numbers (cr.event), not by timestamps:
+        # the SIGTERM landed between `term` and `landed`.
+        term, landed = sent["sigterm"]
         outcomes = load.outcomes
         # A refused connect is a request never sent: the client learns at once to go elsewhere.
         not_sent = [o for o in outcomes if o.status is None and refused_connect(o)]
         sent_requests = [o for o in outcomes if o not in not_sent]
         summary = (
             f"SIGTERM after {sum(o.started < term for o in outcomes)} requests; after it "
-            f"{cr.describe([o for o in outcomes if o.started >= term])} "
-            f"(ConnectError: refused, never sent); exit {code} after {seconds:.1f} s"
+            f"{cr.describe([o for o in outcomes if o.started > landed])} "
+            f"(ConnectError: refused, never sent); exit {code}"
         )
         print(f"\n{summary}")
 
@@ -398,16 +398,20 @@ def test_sigterm_under_load_answers_every_request_once_and_exits_within_delay_pl
         assert not failed, f"{summary}; first failures: {[(o.status, o.error) for o in failed[:5]]}"
         refused = [o for o in sent_requests if o.status == 503]
         assert all(o.retry_after is not None for o in refused), summary
-        assert all(o.started >= term - 1.0 for o in refused), summary
-        # Through the shutdown delay it went on serving; only then did the listener close.
-        assert [o for o in sent_requests if o.status == 200 and o.started >= term], summary
-        assert all(o.started >= term + SHUTDOWN_DELAY_S - 0.5 for o in not_sent), summary
+        assert all(o.ended > term for o in refused), summary  # none before it was sent
+        # Through the shutdown delay it went on serving; only then did the listener close: a
+        # connect was refused only after requests begun after the SIGTERM had been served.
+        served_after = [o.ended for o in sent_requests if o.status == 200 and o.started > landed]
+        assert served_after, summary
+        assert all(o.started > min(served_after) for o in not_sent), summary
         assert refused or not_sent, f"every client was served to the end: {summary}"
         # The server logged each request sent once, under the client's id.
         logged = [e["request_id"] for e in container.access_log()]
         assert sorted(logged) == sorted(o.request_id for o in sent_requests), summary
         assert code == 0, summary  # drained and exited by itself
-        assert seconds <= SHUTDOWN_DELAY_S + DRAIN_TIMEOUT_S + TEARDOWN_S, summary
+        # ... within the drain timeout: uvicorn says so when the timeout cuts a drain short.
+        output = container.output.read_text(errors="replace")
+        assert "timeout graceful shutdown exceeded" not in output, output[-3000:]
 
 
 def refused_connect(outcome: cr.Outcome) -> bool:
@@ -420,7 +424,6 @@ def refused_connect(outcome: cr.Outcome) -> bool:
 REPLICA_LOAD = 20_000  # requests at most
 REPLICA_LOAD_S = 150.0  # and seconds at most
 PHASE_S = 4.0  # load on each set of replicas: several 1 s scrapes each
-FAIL_FAST_S = 5.0  # a request lost with a killed replica must fail within this
 
 
 def test_three_containers_behind_nginx_lose_nothing_to_sigterm_and_only_in_flight_to_sigkill(
@@ -441,19 +444,17 @@ def test_three_containers_behind_nginx_lose_nothing_to_sigterm_and_only_in_fligh
             timeout_s=REPLICA_LOAD_S,
             body=lambda i: (png_bytes(64, i % 8), "image/png"),
         )
-        marks: dict[str, float] = {}
+        # The events (cr.event) between which each signal was sent and landed.
+        marks: dict[str, tuple[int, int]] = {}
 
         async def script(load: cr.Load) -> None:
-            marks["start"] = time.monotonic()
             await asyncio.sleep(PHASE_S)
             await load.until(lambda: load.answered() >= 100, 30, "100 answers")
             marks["sigterm"] = await cr.in_thread(lambda: stopped.signal("TERM"))
             await load.until(
                 lambda: stopped.process.poll() is not None, 30, "the SIGTERM'd container's exit"
             )
-            marks["exited"] = time.monotonic()
             await asyncio.sleep(PHASE_S)
-            marks["before_sigkill"] = time.monotonic()
             marks["sigkill"] = await cr.in_thread(lambda: killed.signal("KILL"))
             await load.until(
                 lambda: killed.process.poll() is not None, 30, "the SIGKILL'd container's exit"
@@ -462,23 +463,21 @@ def test_three_containers_behind_nginx_lose_nothing_to_sigterm_and_only_in_fligh
 
         asyncio.run(load.run(script))
         outcomes = load.outcomes
-        assert {"sigterm", "exited", "sigkill"} <= set(marks), marks
-        term, kill = marks["sigterm"], marks["sigkill"]
+        assert {"sigterm", "sigkill"} <= set(marks), marks
+        (term, _), (sending_kill, kill) = marks["sigterm"], marks["sigkill"]
         before = [o for o in outcomes if o.started < term]
         after_term = [o for o in outcomes if term <= o.started < kill]
         after_kill = [o for o in outcomes if o.started >= kill]
         lost = [o for o in outcomes if o.status != 200]
         # In flight when the signal landed (somewhere between podman kill's start and end).
         in_flight_at_kill = {
-            o.request_id
-            for o in outcomes
-            if o.started <= kill and o.ended >= marks["before_sigkill"]
+            o.request_id for o in outcomes if o.started <= kill and o.ended >= sending_kill
         }
         summary = (
             f"{len(outcomes)} requests at c=32: before SIGTERM {cr.describe(before)}; "
-            f"SIGTERM to SIGKILL {cr.describe(after_term)} (exit {stopped.wait(10)} after "
-            f"{marks['exited'] - term:.1f} s); after SIGKILL {cr.describe(after_kill)} "
-            f"({len(in_flight_at_kill)} in flight at the kill); {len(lost)} not 200"
+            f"SIGTERM to SIGKILL {cr.describe(after_term)} (exit {stopped.wait(10)}); after "
+            f"SIGKILL {cr.describe(after_kill)} ({len(in_flight_at_kill)} in flight at the "
+            f"kill); {len(lost)} not 200"
         )
         print(f"\n{summary}")
 
@@ -490,12 +489,13 @@ def test_three_containers_behind_nginx_lose_nothing_to_sigterm_and_only_in_fligh
         # nginx's to retry on another).
         assert all(o.status == 200 for o in before + after_term), summary
         assert stopped.process.returncode == 0
-        # SIGKILL: only what was in flight on the killed replica may fail, each at once and
-        # clearly (502 or 503 from nginx); everything sent after it is answered.
+        # SIGKILL: only what was in flight on the killed replica may fail, each clearly: 502 or
+        # 503 from nginx, not left to the client's timeout (no status); everything sent after
+        # it is answered.
         assert killed.process.returncode != 0
         for o in lost:
             assert o.request_id in in_flight_at_kill, (o, summary)
-            assert o.status in (502, 503) and o.seconds < FAIL_FAST_S, (o, summary)
+            assert o.status in (502, 503), (o, summary)
         nginx_log = {e["request_id"]: e for e in lb.access_log()}
         for o in lost:
             assert killed.address in nginx_log[o.request_id]["upstream"], nginx_log[o.request_id]

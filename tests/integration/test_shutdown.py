@@ -62,6 +62,7 @@ class Tally:
     answered_after_sigterm: int = 0
     ok_after_sigterm: int = 0  # 200s to requests sent after it
     kept_alive_after_sigterm: int = 0  # requests sent after it, answered without closing
+    connected_after_sigterm: int = 0  # new connections the server accepted after it
     bad_503: list[str] = field(default_factory=list)  # 503s without Retry-After or JSON detail
     nginx_own_503: int = 0
     warm_at: float | None = None
@@ -75,7 +76,8 @@ class Tally:
         return (
             f"answered {dict(self.statuses)}, lost {dict(self.lost)}, refused at connect "
             f"{self.refused}, answered after SIGTERM {self.answered_after_sigterm} (200s to "
-            f"requests sent after it {self.ok_after_sigterm})"
+            f"requests sent after it {self.ok_after_sigterm}), new connections after it "
+            f"{self.connected_after_sigterm}"
             + (f"; lost: {self.lost_at[:5]}" if self.lost_at else "")
         )
 
@@ -94,6 +96,8 @@ class Trace:
         step = name.split(".", 1)[1]  # "connection.connect_tcp.complete" -> "connect_tcp.complete"
         if step == "connect_tcp.complete":
             step += f" from port {info['return_value'].get_extra_info('client_addr')[1]}"
+            if self.tally.sigterm_at is not None:
+                self.tally.connected_after_sigterm += 1
         self.events.append(f"{step} {at:+.3f}")
 
 
@@ -235,10 +239,11 @@ def test_sigterm_under_uploaders_leaves_no_request_without_an_answer(
     # The clients went on until after the exit: their connects were refused, not reset.
     assert tally.refused > 0, tally.summary()
     assert tally.sigterm_at is not None and tally.first_refusal is not None
-    # The listener stayed open through the delay (the second SIGTERM cuts it short, 1 s in)...
-    stays_open_s = {"delay": DELAY_S, "no_delay": 0.0, "second_sigterm": 1.0}[path]
-    assert tally.first_refusal - tally.sigterm_at >= stays_open_s - 0.15, tally.summary()
-    if stays_open_s:
+    if delay_s:
+        # The listener stayed open through the delay (the second SIGTERM cuts it short, 1 s
+        # in): before the SIGTERM every connection was kept alive, after it each answer closes
+        # its connection, and the clients' new connections were accepted, not refused...
+        assert tally.connected_after_sigterm > 0, tally.summary()
         # ... serving as usual, each answer closing its connection (at c=256 on two cores the
         # requests in flight at the SIGTERM may fill the whole delay).
         assert tally.answered_after_sigterm > 0, tally.summary()

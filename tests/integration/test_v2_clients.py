@@ -186,9 +186,10 @@ def _busy(service: ClassifyService) -> bool:
 
 
 def _wait(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_s  # bounds a broken run; nothing is timed
     while not predicate():
-        assert time.monotonic() < deadline, "condition not met"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met in {timeout_s} s")
         time.sleep(0.01)
 
 

@@ -53,8 +53,9 @@ def test_a_connect_while_the_listener_closes_is_refused_not_reset(
         stop_listening([listener])
 
     threading.Thread(target=close_soon).start()
-    started = time.monotonic()
-    # The dropped SYN is sent again about a second later, to a port no longer listening.
+    # The dropped SYN is sent again about a second later, to a port no longer listening: the
+    # connect is refused (a reset would be ConnectionResetError, a SYN left unanswered until
+    # the timeout TimeoutError; the timeout only bounds a broken run, the SYN is sent again at
+    # 1, 3 and 7 s).
     with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", port), timeout=5)
-    assert time.monotonic() - started < 4
+        socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 from app.core.settings import Settings
 from app.models.spec import ModelSpec, RolloutParams
 from app.pipeline.preprocess import prepare
+from app.runtime import simulated
 from app.runtime.backends import Backend, RolloutBackend
 from app.runtime.simulated import (
     SIMULATED,
@@ -136,45 +135,52 @@ def test_rollout_gives_logits_and_a_map_over_the_grid(tmp_path: Path) -> None:
     assert (rollout.reshape(3, -1).max(axis=1) == 1.0).all() and (rollout > 0).all()
 
 
-def test_a_run_sleeps_its_time_costing_the_cpu_almost_nothing(tmp_path: Path) -> None:
-    # ViT-B/16-sized batches (196 tokens of 768 values) at 50 ms each: the thread's CPU time,
-    # the kernel's accounting, must be a small part of what the batches simulate.
-    curve = BatchCurve.load(own_curve(tmp_path, [[1, 50.0]]))
-    spec = make_spec(grid=(14, 14), patch_size=16)
-    backend = SimulatedBackend(spec, curve)
+class FakeClock:
+    """The simulated module's `time`: perf_counter moves only when something sleeps, and every
+    sleep is recorded, so a test sees how long a batch holds the device and that it sleeps
+    (never spins) for it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(simulated, "time", fake)
+    monkeypatch.setattr(simulated, "DEVICE", simulated.SimulatedDevice())
+    return fake
+
+
+def test_a_run_sleeps_for_the_curves_time(tmp_path: Path, clock: FakeClock) -> None:
+    # ViT-B/16-sized batches (196 tokens of 768 values): each holds the device exactly as long
+    # as the curve says, asleep (time.sleep releases the GIL: nothing spins).
+    curve = BatchCurve.load(own_curve(tmp_path, [[1, 50.0], [32, 80.0]]))
+    backend = SimulatedBackend(make_spec(grid=(14, 14), patch_size=16), curve)
     x = np.random.default_rng(0).integers(0, 256, (32, 14, 14, 768), dtype=np.uint8)
-    backend.run(x)  # numpy's first-call costs
-    runs = 4
-    cpu0 = time.thread_time()
-    for _ in range(runs):
+    for _ in range(4):
         backend.run(x)
-    cpu = time.thread_time() - cpu0
-    assert cpu < 0.1 * runs * curve.seconds(32)
+    assert clock.sleeps == pytest.approx([0.080] * 4)
 
 
-def test_the_sleep_leaves_the_gil_to_other_threads(tmp_path: Path) -> None:
-    # A thread counting in Python while a batch sleeps gets CPU time, which it could not if the
-    # batch held the GIL (a C loop that spins would).
+def test_batches_take_turns_on_the_one_device(tmp_path: Path, clock: FakeClock) -> None:
+    # Two versions' batches, one after the other: the second starts when the first ended, as
+    # on one GPU, so lanes never add up to more than the curve's throughput.
     curve = BatchCurve.load(own_curve(tmp_path, [[1, 200.0]], tokens=64))
-    backend = SimulatedBackend(make_spec(), curve)
-    done = threading.Event()
-    counted: list[float] = []
-
-    def count() -> None:
-        cpu0 = time.thread_time()
-        while not done.is_set():
-            pass
-        counted.append(time.thread_time() - cpu0)
-
-    counter = threading.Thread(target=count)
-    counter.start()
-    try:
-        backend.run(patches(1))
-    finally:
-        done.set()
-        counter.join()
-    # It ran for a good share of the simulated 200 ms (on a busy 2-core machine, not all).
-    assert counted[0] > 0.1 * curve.seconds(1)
+    first, second = SimulatedBackend(make_spec(), curve), SimulatedBackend(make_spec(), curve)
+    started = clock.now
+    first.run(patches(1))
+    second.run(patches(1))
+    assert clock.sleeps == pytest.approx([0.2, 0.2])
+    assert clock.now - started == pytest.approx(0.4)
 
 
 # --- the setting -------------------------------------------------------------------------------
