@@ -64,19 +64,20 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        direct.check_innermost(RequestMiddleware)
         collector.tune_once()  # before the models: their sessions stay collectable
         engine: Engine | RemoteEngine
         if engine_address is None:
             # Loading hashes graphs and builds sessions: keep the event loop free meanwhile. A
             # repository that cannot be served raises here, and the server does not start.
-            engine = await asyncio.to_thread(
-                load_engine, settings, backend_factory, rollout_factory
-            )
-            engine.observe(metrics)  # the domain reports to hooks and never imports Prometheus
-            engine.start()
+            local = await asyncio.to_thread(load_engine, settings, backend_factory, rollout_factory)
+            local.observe(metrics)  # the domain reports to hooks and never imports Prometheus
+            local.start()
+            engine = local
         else:
-            engine = RemoteEngine(engine_address, settings.shared_memory_bytes)
-            await engine.start(timeout_s=settings.engine_start_timeout_s)
+            remote = RemoteEngine(engine_address, settings.shared_memory_bytes)
+            await remote.start(timeout_s=settings.engine_start_timeout_s)
+            engine = remote
         service = ClassifyService(settings, engine)
         previous_limit = configure_pillow(settings.image_max_pixels)
         metrics.watch(engine, lambda: readiness(engine, lifecycle.draining).ready)

@@ -2,10 +2,9 @@
 
 Between the request middleware and the endpoint, Starlette and FastAPI run their exception
 middleware, an exit stack, the router (matching every route before it), FastAPI's request
-handler (dependency solving, telemetry) and two more exception wrappers: 80 to 90 us of the event
-loop per request on a CPU machine, measured, for a route that declares no parameters and
-returns its own `Response` (app/http/routes.py). That is a tenth of the event loop's time per
-image on the demo model (docs/performance.md, "No wasted CPU"), spent on every request.
+handler (dependency solving, telemetry) and two more exception wrappers, for a route that
+declares no parameters and returns its own `Response` (app/http/routes.py): what that costs
+the event loop per request is measured by `bench.direct_route` (docs/performance.md).
 
 `DirectRoute` does what those layers do for this one route: it puts the route in the scope (the
 metrics and the access log read it), calls the endpoint with a `Request`, and answers an
@@ -25,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -57,17 +56,40 @@ class DirectRoute:
                 return handlers[cls]
         return None
 
+    def check_innermost(self, owner: type) -> None:
+        """Fail at start when a middleware sits between `owner` (the middleware that calls this
+        route) and the router: the direct route would skip it for POST /classify alone."""
+        stack: list[Any] = [m.cls for m in self.app.user_middleware]  # outermost first
+        if owner in stack and stack[-1] is not owner:
+            inside = [getattr(c, "__name__", str(c)) for c in stack[stack.index(owner) + 1 :]]
+            raise RuntimeError(
+                f"{', '.join(inside)} sits inside {owner.__name__}, which serves POST "
+                f"{self.route.path} past the router and would skip it: add it after "
+                f"{owner.__name__} (outside it)"
+            )
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope["route"] = self.route
         scope["endpoint"] = self.endpoint
         scope["path_params"] = {}
-        request = Request(scope, receive, send)
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        request = Request(scope, receive, sending)
         try:
             response = await self.endpoint(request)
         except Exception as exc:
             handler = self._handler(exc)
             if handler is None:
                 raise
+            if started:  # as Starlette's own wrapper: no second answer after the first began
+                raise RuntimeError(
+                    "Caught handled exception, but response already started."
+                ) from exc
             answer = handler(request, exc)
             response = await answer if inspect.isawaitable(answer) else answer
-        await response(scope, receive, send)
+        await response(scope, receive, sending)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
@@ -72,3 +73,45 @@ async def test_direct_and_routed_answers_are_the_same(
     assert [status for status, _, _ in direct] == [
         200, 422, 404, 400, 400, 415, 422, wrong_key, 405, 307
     ]  # fmt: skip
+
+
+async def test_a_middleware_inside_the_direct_route_fails_the_start(tiny_repo: TinyRepo) -> None:
+    # Added before the request middleware, it would sit inside it: skipped for POST /classify.
+    from starlette.middleware import Middleware
+    from starlette.middleware.gzip import GZipMiddleware
+
+    from app.main import create_app
+
+    app = create_app(Settings(model_repo=tiny_repo.root))
+    app.user_middleware.append(Middleware(GZipMiddleware))  # innermost
+    with pytest.raises(RuntimeError, match="GZipMiddleware sits inside RequestMiddleware"):
+        async with app.router.lifespan_context(app):
+            pass
+
+
+async def test_no_handled_answer_follows_one_that_began() -> None:
+    from fastapi import FastAPI, Request, Response
+    from fastapi.routing import APIRoute
+
+    from app.core.errors import InvalidInputError
+    from app.http.errors import install_error_handlers
+
+    async def endpoint(request: Request) -> Response:
+        await request._send({"type": "http.response.start", "status": 200, "headers": []})
+        raise InvalidInputError("too late to answer 400")
+
+    app = FastAPI()
+    install_error_handlers(app)
+    direct = DirectRoute(app, APIRoute("/x", endpoint, methods=["POST"]), "POST")
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    scope = {"type": "http", "method": "POST", "path": "/x", "headers": [], "query_string": b""}
+    with pytest.raises(RuntimeError, match="response already started"):
+        await direct(scope, receive, send)
+    assert [m["status"] for m in sent] == [200]  # one start, no 400 after it
