@@ -211,26 +211,33 @@ PATHS = {
 
 
 @pytest.mark.parametrize(
-    ("concurrency", "path"),
+    ("concurrency", "path", "workers"),
     [
-        (32, "delay"),
+        (32, "delay", 1),
         # Here the clients' one event loop reads answers seconds late, then reuses kept-alive
         # connections that were idle all along: once about one run in twenty lost a request,
         # reset on a connection the server closed 2 s after its listener (no longer closed).
-        (256, "delay"),
-        (32, "no_delay"),
-        (32, "second_sigterm"),
+        (256, "delay", 1),
+        (32, "no_delay", 1),
+        (32, "second_sigterm", 1),
+        # A supervisor, an engine and two front ends: the supervisor passes the signal on.
+        (32, "delay", 2),
+        (32, "second_sigterm", 2),
     ],
 )
 def test_sigterm_under_uploaders_leaves_no_request_without_an_answer(
-    tiny_repo: TinyRepo, tmp_path: Path, concurrency: int, path: str
+    tiny_repo: TinyRepo, tmp_path: Path, concurrency: int, path: str, workers: int
 ) -> None:
     delay_s, signals = PATHS[path]
-    settings = {"shutdown_delay_s": str(delay_s), "drain_timeout_s": "10"}
+    settings = {
+        "shutdown_delay_s": str(delay_s),
+        "drain_timeout_s": "10",
+        "workers": str(workers),
+    }
     with replicas(tiny_repo.root, tmp_path, 1, **settings) as (replica,):
         tally = stop_under_load(replica, replica.url, concurrency, signals, after_exit_s=0.5)
         code = replica.process.returncode
-    print(f"c={concurrency} {path}: {tally.summary()}")
+    print(f"c={concurrency} {path} workers={workers}: {tally.summary()}")
     # Every request sent got one complete answer; nothing ended in a reset.
     assert not tally.lost, tally.summary()
     assert tally.statuses[200] >= WARM_ANSWERS, tally.summary()
@@ -253,11 +260,15 @@ def test_sigterm_under_uploaders_leaves_no_request_without_an_answer(
     assert code == 0, replica.log_path.read_text()[-3000:]
 
 
-@pytest.mark.parametrize("concurrency", [32, 256])
+@pytest.mark.parametrize(("concurrency", "workers"), [(32, 1), (256, 1), (32, 2)])
 def test_a_replica_stopping_behind_nginx_shows_its_clients_no_502(
-    tiny_repo: TinyRepo, tmp_path: Path, concurrency: int
+    tiny_repo: TinyRepo, tmp_path: Path, concurrency: int, workers: int
 ) -> None:
-    settings = {"shutdown_delay_s": str(DELAY_S), "drain_timeout_s": "10"}
+    settings = {
+        "shutdown_delay_s": str(DELAY_S),
+        "drain_timeout_s": "10",
+        "workers": str(workers),
+    }
     with (
         replicas(tiny_repo.root, tmp_path, 2, **settings) as pair,
         nginx([r.address for r in pair], tmp_path / "nginx") as lb,
