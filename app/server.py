@@ -45,7 +45,9 @@ from app.engine import EngineHost
 from app.http.metrics import MULTIPROC_ENV, Metrics
 from app.http.middleware import Lifecycle
 from app.main import create_app, load_engine
-from app.supervisor import Supervisor
+from app.runtime.native import driver_present
+from app.runtime.providers import CPU
+from app.supervisor import Supervisor, default_workers
 from app.transport.connections import (
     ConnectionLimits,
     ConnectionRegistry,
@@ -229,10 +231,13 @@ def main(argv: list[str] | None = None) -> None:
     raise_open_files_limit()
     if args.role == "front-end":
         build_server(settings, engine_address=args.engine).run(sockets=[shared_listener(settings)])
-    elif settings.workers > 1:
-        logging.config.dictConfig(log_config(settings))
-        sys.exit(Supervisor(settings).run())
     else:
+        cores = len(os.sched_getaffinity(0))
+        offered = settings.providers is None or any(p != CPU for p in settings.providers)
+        workers = settings.workers or default_workers(offered and driver_present(), cores)
+        if workers > 1:
+            logging.config.dictConfig(log_config(settings))
+            sys.exit(Supervisor(settings, workers).run())
         build_server(settings).run()
 
 

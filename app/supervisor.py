@@ -42,6 +42,14 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)  # after each consecutive quick death
 STABLE_S = 30.0  # a child that ran this long starts its backoff over
 
 
+def default_workers(gpu: bool, cores: int) -> int:
+    """One process on a CPU host: there the cores that front ends would use are the ones the
+    inference uses too, and a second process measured more img/s but a worse p99 (docs/
+    performance.md). On a GPU host one process is the ceiling (its event loop and decoding,
+    not the GPU): every core but two (the engine process's) to front ends."""
+    return max(2, cores - 2) if gpu else 1
+
+
 def engine_address(supervisor_pid: int) -> str:
     """An abstract Unix socket address (Linux, written "@..."): nothing on the filesystem to
     clean up."""
@@ -83,7 +91,7 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, workers: int) -> None:
         self.settings = settings
         self.stopping = False
         self.metrics_dir = tempfile.mkdtemp(prefix="vit-serve-metrics-")
@@ -99,7 +107,7 @@ class Supervisor:
         self.engine = Child("engine", [*python, "--role", "engine", "--engine", self.address])
         self.front_ends = [
             Child(f"front-end {i}", [*python, "--role", "front-end", "--engine", self.address])
-            for i in range(settings.workers)
+            for i in range(workers)
         ]
 
     @property

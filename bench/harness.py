@@ -166,10 +166,38 @@ def _stat(path: Path) -> tuple[str, float]:
     return comm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def descendants(pid: int) -> list[int]:
+    """A process's children, theirs, and so on (a supervisor's engine and front ends)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(
+                int(entry.name)
+            )
+    found, pending = [], [pid]
+    while pending:
+        children = parents.get(pending.pop(), [])
+        found += children
+        pending += children
+    return found
+
+
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
-    """User + system CPU time of a process, or of one of its threads."""
-    where = f"/proc/{pid}" if thread is None else f"/proc/{pid}/task/{thread}"
-    return _stat(Path(f"{where}/stat"))[1]
+    """User + system CPU time of a process with every process under it (one server of several
+    processes is one figure), or of one of its threads."""
+    if thread is not None:
+        return _stat(Path(f"/proc/{pid}/task/{thread}/stat"))[1]
+    total = 0.0
+    for each in [pid, *descendants(pid)]:
+        try:
+            total += _stat(Path(f"/proc/{each}/stat"))[1]
+        except OSError:  # ended while we look
+            continue
+    return total
 
 
 # A server's threads by what they do, from their OS-level names (app/core/threads.py): the

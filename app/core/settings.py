@@ -98,13 +98,14 @@ class Settings(BaseSettings):
     )
 
     # Processes (python -m app.server).
-    workers: int = Field(
-        default=1,
+    workers: int | None = Field(
+        default=None,
         ge=1,
         le=256,
         description="front-end processes, each with the HTTP and gRPC doors and its own "
         "decode threads, beside one engine process that owns the sessions and the batcher; "
-        "1: a single process holding both",
+        "1: a single process holding both; None: 1 on a CPU host, and on a GPU host all cores "
+        "but two (python -m app.server)",
     )
     shared_memory_bytes: int = Field(
         default=1 << 30,
