@@ -354,10 +354,13 @@ def test_a_model_repository_mounted_read_only_elsewhere_is_served(
 SIGTERM_LOAD = 2000  # requests at most; the load ends as soon as every client was refused
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_under_load_answers_every_request_once_and_drains_before_it_exits(
-    podman: cr.Podman, cpu_image: cr.Built, tmp_path: Path
+    podman: cr.Podman, cpu_image: cr.Built, tmp_path: Path, workers: int
 ) -> None:
-    with cr.containers(podman, cpu_image.image, tmp_path, 1, DRAINING) as (container,):
+    # workers=2: the image's supervisor, an engine process and two front ends.
+    env = {**DRAINING, "VIT_SERVE_WORKERS": str(workers)}
+    with cr.containers(podman, cpu_image.image, tmp_path, 1, env) as (container,):
         load = cr.Load(
             container.url,
             SIGTERM_LOAD,
