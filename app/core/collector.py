@@ -1,11 +1,11 @@
 """The cyclic garbage collector, tuned for a server whose requests make almost no cycles.
 
-Measured on the demo model at c=64 (docs/performance.md, "No wasted CPU"): with Python's
-defaults the collector took about 10% of the event loop's CPU. A full collection walked the
-~88,000 objects that imports and the app's construction leave behind (modules, classes,
-FastAPI's and pydantic's schemas), all alive until exit; and each young collection, due every
-700 net new container objects, walked the objects of the requests in flight. Cycles are rare:
-about one cyclic object for every four requests.
+Measured on the demo model at c=64 (docs/performance.md, "No wasted CPU", and "Figures behind
+the code"): with Python's defaults the collector took a share of the event loop's CPU. A full
+collection walked the objects that imports and the app's construction leave behind (modules,
+classes, FastAPI's and pydantic's schemas), all alive until exit; and each young collection,
+due every 700 net new container objects, walked the objects of the requests in flight. Cycles
+are rare.
 
 So, once per process, as the service starts and before it loads any model:
 - what is alive is collected once and then frozen (`gc.freeze`): moved to a generation the

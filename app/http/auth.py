@@ -51,7 +51,7 @@ def _settings(request: Request) -> Settings:
 
 def presented_keys(request: Request) -> list[str]:
     """The keys a request carries, read as `_bearer` and `_header` read them, without
-    FastAPI's dependency machinery (about 0.15 ms a request for the two).
+    FastAPI's dependency machinery (its cost: docs/performance.md, "Figures behind the code").
 
     Either header may carry the key: a proxy in front can own Authorization for its own scheme
     (which is then not a bearer token), leaving X-API-Key to this service."""

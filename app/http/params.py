@@ -1,9 +1,9 @@
 """The query and header parameters of POST /classify, read and validated in one step.
 
 Declared one by one in the route's signature, with the key check as a dependency, FastAPI
-resolved them per request in about 0.3 ms of the event loop's time, a fifth of all it spends on
-a request. One pydantic validation does the same checks, with the same messages, in
-microseconds; `openapi_parameters` still lists every parameter in the OpenAPI document.
+resolved them per request at a cost of the event loop's time that one pydantic validation does
+not have (docs/performance.md, "Figures behind the code"); the checks and messages are the
+same, and `openapi_parameters` still lists every parameter in the OpenAPI document.
 """
 
 from __future__ import annotations

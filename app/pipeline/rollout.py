@@ -23,9 +23,8 @@ from app.models.spec import HeadFusion
 from app.pipeline.preprocess import ImageDecodeError, ResizePlan, open_image, orient, to_rgb
 
 HEATMAP_ALPHA = 0.5  # weight of the colour over the photo inside the region the model saw
-# zlib level 1 against Pillow's default 6, measured on heatmaps of photos: 11 ms against 67 ms
-# at 500x313, 0.4 s against 1.3 s at 12 MP, for files 15-40% larger. It is drawn per request:
-# time matters more than bytes.
+# zlib level 1, not Pillow's default 6: a heatmap is drawn per request, and time matters more
+# than bytes (docs/performance.md, "Figures behind the code").
 PNG_COMPRESS_LEVEL = 1
 
 
