@@ -28,10 +28,12 @@ import grpc
 from pydantic import SecretStr
 
 from app.core.errors import (
+    ErrorKind,
     InvalidInputError,
     InvalidKeyError,
     MissingKeyError,
     NotReadyError,
+    ServiceError,
 )
 from app.core.logs import request_id_var
 from app.core.records import RequestRecord, request_scope
@@ -57,18 +59,21 @@ SERVICE = "inference.GRPCInferenceService"
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 
-CODE_OF_STATUS: dict[int, grpc.StatusCode] = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    409: grpc.StatusCode.FAILED_PRECONDITION,
-    413: grpc.StatusCode.INVALID_ARGUMENT,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    500: grpc.StatusCode.INTERNAL,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+# Each error kind's gRPC code (HTTP's statuses: app/http/frontdoor.py's table); the metrics
+# and the access log count a gRPC answer under the HTTP status the same answer gets over REST.
+GRPC_CODE: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.BAD_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.INVALID_PARAMETER: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.CONFLICT: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.BODY_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.UNSUPPORTED_MEDIA: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.SHED: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 CLIENT_CLOSED = 499  # the client cancelled, or its deadline passed (nginx's number)
 
@@ -213,12 +218,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 except Exception as exc:
                     record.error_reason = error_reason(exc)
                     known = status_of(exc)
-                    if known is None:
+                    if known is None or not isinstance(exc, ServiceError):
                         log.error("gRPC %s failed", method, exc_info=exc)
                         status, message = 500, "internal server error; see the server log"
+                        failure = (grpc.StatusCode.INTERNAL, message)
                     else:
-                        status, message = known, getattr(exc, "message", str(exc))
-                    failure = (CODE_OF_STATUS.get(status, grpc.StatusCode.UNKNOWN), message)
+                        status, message = known, exc.message
+                        failure = (GRPC_CODE[exc.kind], message)
                     if status == 503:
                         context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_S)),))
         finally:

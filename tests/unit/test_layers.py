@@ -137,3 +137,12 @@ def test_module_lengths_are_reported() -> None:
     )
     print("\nlongest app modules (lines):", ", ".join(f"{m} {n}" for n, m in lengths[:8]))
     assert lengths[0][0] > 0, "the walk found no module with any lines"
+
+
+def test_every_error_kind_has_an_http_status_and_a_grpc_code() -> None:
+    # One error root, mapped by two tables: a kind added without its codes fails here.
+    from app.core.errors import ErrorKind
+    from app.grpc.server import GRPC_CODE
+    from app.http.frontdoor import HTTP_STATUS
+
+    assert set(HTTP_STATUS) == set(ErrorKind) == set(GRPC_CODE)
