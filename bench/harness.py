@@ -186,6 +186,29 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def role_of(pid: int) -> str:
+    """What a server's process is: "engine" or "front-end" (a supervisor's children, from their
+    --role), else "main" (one process, or the supervisor itself)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "main"
+    return args[args.index(b"--role") + 1].decode() if b"--role" in args else "main"
+
+
+def cpu_by_role(pid: int) -> dict[str, float]:
+    """CPU seconds of a server's processes, summed by role (see `role_of`)."""
+    roles: dict[str, float] = {}
+    for each in [pid, *descendants(pid)]:
+        try:
+            seconds = _stat(Path(f"/proc/{each}/stat"))[1]
+        except OSError:  # ended while we look
+            continue
+        role = role_of(each)
+        roles[role] = roles.get(role, 0.0) + seconds
+    return roles
+
+
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
     """User + system CPU time of a process with every process under it (one server of several
     processes is one figure), or of one of its threads."""
@@ -606,6 +629,9 @@ class LoadResult:
     # names; "other" takes what threads that ended meanwhile spent, so the groups add up to
     # the whole); a server that does not name its threads has most of it under "other".
     server_cpu_ms_per_image_by_group: dict[str, float] | None = None
+    # A server of several processes (VIT_SERVE_WORKERS > 1): its CPU per image by role (main:
+    # the supervisor; engine; front-end, all of them).
+    server_cpu_ms_per_image_by_process: dict[str, float] | None = None
     rounds: int = 1  # figures are the median over this many rounds (counts: their sum)
     latencies_ms: list[float] = field(default_factory=list, repr=False, metadata=NOT_WRITTEN)
 
@@ -697,12 +723,14 @@ async def measured_load(
     once they are done."""
     cpu0 = (cpu_seconds(pid), cpu_seconds(pid, pid)) if pid is not None else (0.0, 0.0)
     threads0 = thread_cpu(pid) if pid is not None else {}
+    roles0 = cpu_by_role(pid) if pid is not None else {}
     client0 = time.process_time()
     t0 = time.perf_counter()
     await asyncio.gather(*workers)
     elapsed = time.perf_counter() - t0
     client = time.process_time() - client0
     threads1 = thread_cpu(pid) if pid is not None else {}
+    roles1 = cpu_by_role(pid) if pid is not None else {}
     cpu1 = (cpu_seconds(pid), cpu_seconds(pid, pid)) if pid is not None else (0.0, 0.0)
     sent, errors, lost = counts()
     answered = len(latencies) - errors
@@ -734,6 +762,11 @@ async def measured_load(
         event_loop_cpu_ms_per_image=per_image(cpu1[1] - cpu0[1]) if pid is not None else None,
         client_cpu_ms_per_image=per_image(client),
         server_cpu_ms_per_image_by_group=by_group,
+        server_cpu_ms_per_image_by_process=(
+            {r: round((roles1[r] - roles0.get(r, 0.0)) * 1e3 / answered, 3) for r in roles1}
+            if len(roles1) > 1 and answered
+            else None
+        ),
         latencies_ms=[s * 1e3 for s in latencies],
     )
 
@@ -744,6 +777,15 @@ def median_groups(rounds: list[dict[str, float] | None]) -> dict[str, float] | N
     if not known:
         return None
     return {g: statistics.median(r[g] for r in known) for g in THREAD_GROUPS}
+
+
+def median_roles(rounds: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """Each process role's median over the rounds that measured roles."""
+    known = [r for r in rounds if r is not None]
+    if not known:
+        return None
+    roles = sorted({role for r in known for role in r})
+    return {role: statistics.median(r.get(role, 0.0) for r in known) for role in roles}
 
 
 def median_of(rounds: list[LoadResult]) -> LoadResult:
@@ -776,6 +818,9 @@ def median_of(rounds: list[LoadResult]) -> LoadResult:
         client_cpu_ms_per_image=median([r.client_cpu_ms_per_image for r in rounds]),
         server_cpu_ms_per_image_by_group=median_groups(
             [r.server_cpu_ms_per_image_by_group for r in rounds]
+        ),
+        server_cpu_ms_per_image_by_process=median_roles(
+            [r.server_cpu_ms_per_image_by_process for r in rounds]
         ),
         rounds=len(rounds),
         latencies_ms=[ms for r in rounds for ms in r.latencies_ms],

