@@ -146,6 +146,7 @@ async def models(service: ServiceDep) -> ModelsResponse:
                 rollout_versions=service.models.rollout_versions(entry),
                 num_classes=arch.num_classes,
                 patch_size=arch.patch_size,
+                backbone=None if arch.backbone is None else arch.backbone.description,
                 native_grid=arch.grid,
                 input_size=arch.input_size,
                 fit_max_tokens=service.fit_max_tokens(spec),

@@ -11,7 +11,9 @@ import pytest
 APP = Path(__file__).resolve().parents[2] / "app"
 
 # Lower layers never import higher ones; the entry points (main, server, probe) sit on top.
-LAYERS = {"app.core": 0, "app.models": 1, "app.pipeline": 2, "app.http": 3}
+# app.introspection (Fig. 7 at serve time) sits with the pipeline: it reads model versions and
+# draws PNGs; the routes of app/http/introspection.py call it.
+LAYERS = {"app.core": 0, "app.models": 1, "app.pipeline": 2, "app.introspection": 2, "app.http": 3}
 ENTRY_POINTS = 4
 
 
