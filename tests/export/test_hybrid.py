@@ -197,3 +197,21 @@ def test_fit_grids_are_whole_cells_of_the_stride(exported: tuple[Any, Path]) -> 
     assert (gh, gw) == fit_grid(300, 170, 64, 128)
     # Each patch is one token's 8x8 pixels: the CNN sees an image of whole strides.
     assert prepared.patches.shape == (gh, gw, 8 * 8 * 3)
+
+
+def test_the_bundled_hybrid_is_at_least_as_accurate_as_the_demo_vit() -> None:
+    from app.models.repository import scan_repository
+    from export.demo.evaluate import evaluate
+    from tests.support import DEMO_MODEL, need_folder
+
+    hybrid = DEMO_MODEL.parent / "demo-shapes-hybrid"
+    need_folder(hybrid, "the demo hybrid (trained by export/demo/train.py --hybrid)")
+    spec = ModelSpec.load(hybrid / SPEC_FILENAME)
+    assert spec.architecture.backbone is not None
+    assert spec.architecture.patch_size == spec.architecture.backbone.stride == 8
+    # The same 1000-image evaluation split for both (seed 4242, no training run's).
+    vit = evaluate(DEMO_MODEL.parent, DEMO_MODEL.name, 1000).top1
+    ours = evaluate(DEMO_MODEL.parent, hybrid.name, 1000).top1
+    assert ours >= vit, (ours, vit)
+    # The default model is the first by name: still the demo ViT.
+    assert scan_repository(DEMO_MODEL.parent).default_model == DEMO_MODEL.name
