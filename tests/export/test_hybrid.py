@@ -23,7 +23,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from app.models.grids import fit_grid
 from app.models.spec import INTROSPECTION_FILENAME, SPEC_FILENAME, ModelSpec
 from app.pipeline.imaging import prepare
-from export.checkpoints import load_checkpoint, save_checkpoint
+from export.checkpoints import UnsupportedCheckpointError, load_checkpoint, save_checkpoint
 from export.hybrid import HybridViT
 from export.import_timm import from_timm_model
 from export.introspection import filter_components
@@ -165,6 +165,23 @@ def test_timm_named_hybrids_map_exactly(name: str) -> None:
         with torch.no_grad():
             ours = model(patchify(images, 32)).numpy()
         assert np.abs(ours - _timm_logits(timm_model, images)).max() <= 1e-4, (gh, gw)
+
+
+def test_a_pre_activation_backbone_is_refused_with_the_reason() -> None:
+    backbone = ResNetV2(
+        layers=(1,), channels=(128,), stem_chs=32, num_classes=0, global_pool="", preact=True
+    )
+    model = TimmViT(
+        img_size=64,
+        patch_size=1,
+        embed_layer=partial(HybridEmbed, backbone=backbone),
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        num_classes=10,
+    )
+    with pytest.raises(UnsupportedCheckpointError, match="a pre-activation ResNetV2"):
+        from_timm_model(model.eval())
 
 
 def test_a_hybrid_checkpoint_round_trips(tmp_path: Path) -> None:
