@@ -105,3 +105,23 @@ async def test_attention_distance_needs_one_image(demo_client: httpx.AsyncClient
         headers={"content-type": "image/png"},
     )
     assert response.status_code == 400
+
+
+async def test_the_hybrid_is_listed_with_its_backbone_and_its_panels() -> None:
+    hybrid = DEMO_MODEL.parent / "demo-shapes-hybrid"
+    need_folder(hybrid, "the demo hybrid (trained by export/demo/train.py --hybrid)")
+    async with serve(Settings(model_repo=DEMO_MODEL.parent)) as client:
+        listed = (await client.get("/models")).json()
+        body = (await client.get("/models/demo-shapes-hybrid/introspection")).json()
+    models = {m["name"]: m for m in listed["models"]}
+    assert listed["default_model"] == DEMO  # the first by name
+    assert models[DEMO]["backbone"] is None
+    assert models["demo-shapes-hybrid"]["backbone"] == "ResNetV2 stem+[1], 1x1 cells"
+    assert models["demo-shapes-hybrid"]["patch_size"] == 8
+    # A hybrid has no pixel filters: the components are over the CNN's 128 channels.
+    filters = body["filters"]
+    assert filters["shape"] == [128, 1, 1] and "no pixel filters" in filters["shown"]
+    comps = np.asarray(filters["components"])
+    np.testing.assert_allclose(comps @ comps.T, np.eye(28), atol=1e-4)
+    assert body["backbone"] == "ResNetV2 stem+[1], 1x1 cells"
+    assert np.asarray(body["attention_distance"]["mean_px"]).shape == (3, 3)
