@@ -20,6 +20,7 @@ from app.http.cors import install_cors
 from app.http.direct import DirectRoute
 from app.http.errors import install_error_handlers
 from app.http.frontdoor import readiness
+from app.http.introspection import install_introspection
 from app.http.metrics import MULTIPROC_ENV, Metrics
 from app.http.middleware import Lifecycle, RequestMiddleware, install_metrics
 from app.http.page import install_page
@@ -114,6 +115,7 @@ def create_app(
     app.include_router(router)
     app.include_router(admin_router)
     app.include_router(v2_router)
+    install_introspection(app)
     install_page(app)
     app.state.settings = settings  # the access checks read it (app/http/auth.py)
     app.state.metrics = metrics

@@ -211,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as e:
             log.error("int8 gate: %s", e)
             return 1
+    seen = held_out
+    if seen is None:
+        # The mean attention distance of introspection.json (export/introspection.py) is
+        # averaged over the same held-out images; without them it is left out, not guessed.
+        try:
+            seen = held_out_inputs(args, loaded)
+        except (ValueError, FileNotFoundError) as e:
+            log.warning("introspection: no held-out images (%s); no mean attention distance", e)
     try:
         result = export_to_repository(
             loaded.model,
@@ -228,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             optimize=args.optimize,
             held_out=held_out,
             gate=Gate(args.int8_min_agreement, args.int8_max_accuracy_drop),
+            introspection_held_out=seen,
         )
     except (ParityError, Int8GateError) as e:
         log.error("%s", e)

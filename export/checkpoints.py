@@ -75,10 +75,15 @@ def save_checkpoint(
     crop_pct: float = 1.0,
     interpolation: Interpolation = "bilinear",
 ) -> None:
+    from export.hybrid import HybridViT
+
     cfg = model.cfg
+    # A hybrid's CNN (export/hybrid.py) travels as its config; older readers see no key.
+    backbone = {"backbone": model.backbone.to_dict()} if isinstance(model, HybridViT) else {}
     torch.save(
         {
             "format": FORMAT,
+            **backbone,
             "config": {**cfg.to_dict(), "grid": list(cfg.grid)},
             "state_dict": model.state_dict(),
             "labels": labels,
@@ -98,6 +103,10 @@ def load_checkpoint(path: Path) -> LoadedViT:
         raw[key] = tuple(raw[key])
     cfg = ViTConfig(**raw)
     model = VisionTransformer(cfg)
+    if "backbone" in data:
+        from export.hybrid import BackboneConfig, HybridViT
+
+        model = HybridViT(cfg, BackboneConfig.from_dict(data["backbone"]))
     model.load_state_dict(data["state_dict"])
     model.eval()
     preprocess = Preprocess(

@@ -34,6 +34,7 @@ from export.checkpoints import (
     read_state_dict,
     square_grid,
 )
+from export.hybrid import assemble_hybrid, map_timm_hybrid_embed
 from export.vit import ViTConfig
 
 log = logging.getLogger(__name__)
@@ -146,15 +147,19 @@ def _check_timm_block(block: Any, i: int, what: str) -> None:
 
 
 def from_timm_model(model: Any, checkpoint: str = "") -> LoadedViT:
-    """Map a timm `VisionTransformer` module (any weights) into the reference model."""
-    from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
+    """Map a timm `VisionTransformer` module (any weights) into the reference model.
 
+    Hybrids (a `HybridEmbed` over a ResNetV2, paper §3.1) map into export.hybrid.HybridViT.
+    """
     what = f"timm {getattr(model, 'default_cfg', {}).get('architecture', type(model).__name__)}"
     if type(model).__name__ != "VisionTransformer":
         raise UnsupportedCheckpointError(
             f"{what}: a {type(model).__name__}, not a VisionTransformer"
         )
     pe = model.patch_embed
+    # A hybrid (§3.1): the CNN and its projection are mapped by export/hybrid.py; the checks
+    # of a pixel patch embedding do not apply to it.
+    hybrid = type(pe).__name__ == "HybridEmbed"
     checks: list[tuple[str, Callable[[], bool]]] = [
         ("no class token", lambda: bool(model.has_class_token)),
         ("register tokens", lambda: model.num_reg_tokens == 0),
@@ -168,17 +173,10 @@ def from_timm_model(model: Any, checkpoint: str = "") -> LoadedViT:
             "a LayerNorm before the encoder (pre_norm)",
             lambda: isinstance(model.norm_pre, nn.Identity),
         ),
-        (
-            "a patch embedding that is not Conv2d(P, stride P)",
-            lambda: (
-                isinstance(pe.proj, nn.Conv2d)
-                and tuple(pe.proj.kernel_size) == tuple(pe.proj.stride) == tuple(pe.patch_size)
-            ),
-        ),
-        ("a non-square patch", lambda: pe.patch_size[0] == pe.patch_size[1]),
-        ("a patch embedding without bias", lambda: pe.proj.bias is not None),
-        ("a norm in the patch embedding", lambda: isinstance(pe.norm, nn.Identity)),
-        ("not 3 input channels", lambda: pe.proj.in_channels == 3),
+    ]
+    if not hybrid:
+        checks += _pixel_patch_embed_checks(pe)
+    checks += [
         ("no classifier head (num_classes=0)", lambda: isinstance(model.head, nn.Linear)),
         (
             "no final norm (final_norm=False)",
@@ -190,6 +188,30 @@ def from_timm_model(model: Any, checkpoint: str = "") -> LoadedViT:
     for feature, ok in checks:
         if not ok():
             raise UnsupportedCheckpointError(f"{what}: {feature}")
+    return _map_timm(model, what, checkpoint, hybrid)
+
+
+def _pixel_patch_embed_checks(pe: Any) -> list[tuple[str, Callable[[], bool]]]:
+    return [
+        (
+            "a patch embedding that is not Conv2d(P, stride P)",
+            lambda: (
+                isinstance(pe.proj, nn.Conv2d)
+                and tuple(pe.proj.kernel_size) == tuple(pe.proj.stride) == tuple(pe.patch_size)
+            ),
+        ),
+        ("a non-square patch", lambda: pe.patch_size[0] == pe.patch_size[1]),
+        ("a patch embedding without bias", lambda: pe.proj.bias is not None),
+        ("a norm in the patch embedding", lambda: isinstance(pe.norm, nn.Identity)),
+        ("not 3 input channels", lambda: pe.proj.in_channels == 3),
+    ]
+
+
+def _map_timm(model: Any, what: str, checkpoint: str, hybrid: bool) -> LoadedViT:
+    from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
+
+    pe = model.patch_embed
+    backbone = map_timm_hybrid_embed(pe, what) if hybrid else None
     for i, block in enumerate(model.blocks):
         _check_timm_block(block, i, what)
     norm = model.fc_norm if isinstance(model.norm, nn.Identity) else model.norm
@@ -200,7 +222,7 @@ def from_timm_model(model: Any, checkpoint: str = "") -> LoadedViT:
     if len(mean) != 3 or len(std) != 3:
         raise UnsupportedCheckpointError(f"{what}: mean/std for {len(mean)} channels")
     first = model.blocks[0]
-    P = pe.patch_size[0]
+    P = pe.patch_size[0] if backbone is None else backbone.config.stride
     cfg = ViTConfig(
         patch_size=P,
         grid=(int(pe.grid_size[0]), int(pe.grid_size[1])),
@@ -219,11 +241,14 @@ def from_timm_model(model: Any, checkpoint: str = "") -> LoadedViT:
     )
 
     src = SourceTensors(model.state_dict(), what)
-    mapped: dict[str, Tensor] = {
-        "patch_embed.proj.weight": conv_to_linear(src.take("patch_embed.proj.weight")),
-        "patch_embed.proj.bias": src.take("patch_embed.proj.bias"),
-        "cls_token": src.take("cls_token"),
-    }
+    mapped: dict[str, Tensor] = {"cls_token": src.take("cls_token")}
+    if backbone is None:
+        mapped["patch_embed.proj.weight"] = conv_to_linear(src.take("patch_embed.proj.weight"))
+        mapped["patch_embed.proj.bias"] = src.take("patch_embed.proj.bias")
+    else:
+        # map_timm_hybrid_embed checked every module of the CNN; its tensors are all used.
+        mapped.update(backbone.tensors)
+        src.drop(*[k for k in list(src.left) if k.startswith("patch_embed.")])
     pos = src.take("pos_embed")  # (1, [1 +] N, D)
     if model.no_embed_class:
         # deit-3 style: the class token gets no position embedding, i.e. a zero one.
@@ -249,7 +274,9 @@ def from_timm_model(model: Any, checkpoint: str = "") -> LoadedViT:
     mapped.update(src.take_layer("norm", final))
     mapped.update(src.take_layer("head", "head"))
     src.finish()
-    ours_model = assemble(cfg, mapped)
+    ours_model = (
+        assemble(cfg, mapped) if backbone is None else assemble_hybrid(cfg, backbone.config, mapped)
+    )
 
     input_size = tuple(data["input_size"][1:])
     native = (cfg.grid[0] * P, cfg.grid[1] * P)
@@ -284,11 +311,12 @@ def from_timm_model(model: Any, checkpoint: str = "") -> LoadedViT:
         out: Tensor = timm_model(pixels)
         return out
 
+    cnn = "" if backbone is None else f"; hybrid: {backbone.config.describe()}"
     return LoadedViT(
         model=ours_model,
         labels=labels,
         preprocess=preprocess,
-        source=f"{what}; position embeddings resampled as timm does (bicubic, antialiased)",
+        source=f"{what}; position embeddings resampled as timm does (bicubic, antialiased){cnn}",
         framework="timm",
         checkpoint=checkpoint,
         reference=reference,

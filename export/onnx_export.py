@@ -30,9 +30,11 @@ import torch
 from app.models.repository import sha256_of
 from app.models.spec import (
     GRAPH_FILENAME,
+    INTROSPECTION_FILENAME,
     ROLLOUT_GRAPH_FILENAME,
     SPEC_FILENAME,
     Architecture,
+    Backbone,
     GraphFiles,
     GraphOptimization,
     ModelSpec,
@@ -43,6 +45,14 @@ from app.models.spec import (
     rollout_contract,
 )
 from export.fused_attention import CONTRIB_DOMAIN, CONTRIB_OPSET, FusedAttention
+from export.hybrid import backbone_record
+from export.introspection import (
+    IntrospectionRolloutViT,
+    check_distances,
+    introspection_outputs,
+    introspection_record,
+    write_record,
+)
 from export.optimize import (
     Fp16Report,
     check_fp16,
@@ -158,15 +168,19 @@ def export_rollout_graph(model: VisionTransformer, path: Path, opset: int = OPSE
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            RolloutViT(model).eval(),
+            # With the introspection outputs (export/introspection.py), which cost this graph
+            # little: its attentions and resampled position embeddings are computed anyway.
+            IntrospectionRolloutViT(model).eval(),
             example,
             str(path),
             input_names=["patches", "head_fusion", "discard_ratio"],
-            output_names=["logits", "rollout"],
+            output_names=["logits", "rollout", "attention_distance", "position_embeddings"],
             dynamic_axes={
                 "patches": {0: "batch", 1: "grid_h", 2: "grid_w"},
                 "logits": {0: "batch"},
                 "rollout": {0: "batch", 1: "grid_h", 2: "grid_w"},
+                "attention_distance": {0: "batch"},
+                "position_embeddings": {0: "grid_h", 1: "grid_w"},
             },
             opset_version=opset,
             dynamo=False,
@@ -207,7 +221,7 @@ def check_rollout_parity(
     return report
 
 
-def architecture_of(cfg: ViTConfig) -> Architecture:
+def architecture_of(cfg: ViTConfig, backbone: Backbone | None = None) -> Architecture:
     """What model.json says of a model's architecture."""
     return Architecture(
         patch_size=cfg.patch_size,
@@ -216,6 +230,7 @@ def architecture_of(cfg: ViTConfig) -> Architecture:
         depth=cfg.depth,
         heads=cfg.heads,
         num_classes=cfg.num_classes,
+        backbone=backbone,
     )
 
 
@@ -227,7 +242,8 @@ def build_spec(
     source: Source,
     versions: dict[int, GraphFiles],
 ) -> ModelSpec:
-    arch = architecture_of(model.cfg)
+    record = backbone_record(model)
+    arch = architecture_of(model.cfg, None if record is None else Backbone(**record))
     inputs, outputs = contract_tensors(arch)
     return ModelSpec(
         name=name,
@@ -236,7 +252,9 @@ def build_spec(
         labels=labels,
         inputs=inputs,
         outputs=outputs,
-        rollout=rollout_contract(arch),
+        rollout=rollout_contract(arch).model_copy(
+            update={"introspection": introspection_outputs(arch.embed_dim, arch.depth, arch.heads)}
+        ),
         source=source,
         versions=versions,
     )
@@ -367,6 +385,7 @@ def export_to_repository(
     optimize: OptimizationLevel = DEFAULT_OPTIMIZATION,
     held_out: HeldOut | None = None,
     gate: Gate | None = None,
+    introspection_held_out: HeldOut | None = None,
 ) -> ExportResult:
     """Export, check parity at several grids, then write `<repo>/<name>/{model.json,<v>/...}`.
 
@@ -386,15 +405,30 @@ def export_to_repository(
         export_rollout_graph(model.folded(), staged_rollout)
         rollout_parity = check_rollout_parity(model, staged_rollout, grids)
         _log_and_check("rollout", rollout_parity)
+        check_distances(model, staged_rollout, grids)
+        # Fig. 7's panels, on the graph the service runs (the held-out inputs: the int8 gate's
+        # unless others are given).
+        seen = introspection_held_out or held_out
+        record = introspection_record(
+            model,
+            staged_rollout,
+            None if seen is None else seen.patches,
+            "" if seen is None else seen.description,
+        )
+        staged_record = Path(tmp) / INTROSPECTION_FILENAME
+        write_record(record, staged_record)
         version_dir = repo / name / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
         graph_path = version_dir / GRAPH_FILENAME
         rollout_path = version_dir / ROLLOUT_GRAPH_FILENAME
+        record_path = version_dir / INTROSPECTION_FILENAME
         shutil.move(staged.path, graph_path)
         shutil.move(staged_rollout, rollout_path)
+        shutil.move(staged_record, record_path)
     versions[version] = GraphFiles(
         model=sha256_of(graph_path),
         rollout=sha256_of(rollout_path),
+        introspection=sha256_of(record_path),
         optimization=staged.optimization,
     )
     spec = build_spec(name, model, labels, preprocess, source, versions)

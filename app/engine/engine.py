@@ -19,7 +19,7 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,6 +34,7 @@ from app.core.errors import (
 from app.core.settings import Settings
 from app.engine.batcher import Batcher, BatchObserver
 from app.engine.batches import BatchKey, Output
+from app.engine.introspection import Introspection, parse_grid
 from app.engine.table import ModelTable, ReloadReport
 from app.models.repository import Unavailable, VersionKey
 from app.models.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec, OptimizationLevel, RolloutParams
@@ -165,6 +166,16 @@ class EngineClient(Protocol):
         """(images queued, the queue's capacity) now."""
         ...
 
+    async def introspect(self, model: str, version: int | None, grid: str | None) -> dict[str, Any]:
+        """What a version has learned (Fig. 7's three panels, `grid`: "HxW" or None), JSON."""
+        ...
+
+    async def attention_distance(
+        self, permit: Permit, patches: NDArray[np.uint8], image_size: tuple[int, int]
+    ) -> dict[str, Any]:
+        """One image's mean attention distance per head and depth, on the permit's version."""
+        ...
+
 
 class Engine:
     def __init__(self, settings: Settings, table: ModelTable) -> None:
@@ -181,6 +192,8 @@ class Engine:
         )
         self._admitted = 0  # permits not yet released
         self._numbers = itertools.count(1)
+        # Fig. 7 at serve time, on CPU sessions of its own beside the batcher.
+        self.introspection = Introspection()
         self._started = False
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -339,6 +352,18 @@ class Engine:
 
     async def stats(self) -> tuple[int, int]:
         return self.queued, self.queue_capacity
+
+    async def introspect(self, model: str, version: int | None, grid: str | None) -> dict[str, Any]:
+        target = self.table.repository.resolve(model, version)
+        wanted = parse_grid(grid, target.spec)  # InvalidParameterError (422) says why not
+        return await asyncio.to_thread(self.introspection.describe, target, wanted)
+
+    async def attention_distance(
+        self, permit: Permit, patches: NDArray[np.uint8], image_size: tuple[int, int]
+    ) -> dict[str, Any]:
+        served = permit.served
+        target = self.table.repository.resolve(served.name, served.version)
+        return await asyncio.to_thread(self.introspection.for_image, target, patches, image_size)
 
 
 def check_rollout(served: ServedVersion, params: RolloutParams) -> None:

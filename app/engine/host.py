@@ -19,6 +19,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 import app.engine.wire as wire
 from app.core.errors import ServiceError
 from app.engine.arena import Arena, Layout
@@ -183,6 +185,8 @@ class EngineHost:
                 front.send({"id": ident, "name": served.name, "version": served.version})
             elif op == "reload":
                 asyncio.get_running_loop().create_task(self._reload(front, ident))
+            elif op in ("introspect", "attention"):
+                asyncio.get_running_loop().create_task(self._introspect(front, message))
             elif op == "stats":
                 front.send(
                     {
@@ -238,6 +242,29 @@ class EngineHost:
             front.send({"id": ident, "error": wire.error_of(exc)})
         finally:
             front.jobs.pop(ident, None)
+
+    async def _introspect(self, front: _FrontEnd, message: dict[str, Any]) -> None:
+        ident = message["id"]
+        try:
+            if message["op"] == "introspect":
+                result = await self.engine.introspect(
+                    message["model"], message["version"], message["grid"]
+                )
+            else:
+                permit = front.permits.get(int(message["permit"]))
+                if permit is None:
+                    raise RuntimeError("an image under a permit this front end does not hold")
+                patches = np.frombuffer(message["patches"], np.uint8).reshape(message["shape"])
+                size = (int(message["image_size"][0]), int(message["image_size"][1]))
+                result = await self.engine.attention_distance(permit, patches, size)
+        except ServiceError as exc:
+            front.send({"id": ident, "error": wire.error_of(exc)})
+            return
+        except Exception as exc:
+            log.exception("introspection failed in the engine")
+            front.send({"id": ident, "error": wire.error_of(exc)})
+            return
+        front.send({"id": ident, "result": result})
 
     async def _reload(self, front: _FrontEnd, ident: Any) -> None:
         try:

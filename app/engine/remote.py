@@ -20,6 +20,7 @@ import socket
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 import app.engine.wire as wire
 from app.core.errors import NotReadyError
@@ -252,6 +253,29 @@ class RemoteEngine:
     async def reload(self) -> ReloadReport:
         answer = await self._call({"op": "reload"})
         return wire.report_from(answer["report"])
+
+    async def introspect(self, model: str, version: int | None, grid: str | None) -> dict[str, Any]:
+        answer = await self._call(
+            {"op": "introspect", "model": model, "version": version, "grid": grid}
+        )
+        result: dict[str, Any] = answer["result"]
+        return result
+
+    async def attention_distance(
+        self, permit: Permit, patches: NDArray[np.uint8], image_size: tuple[int, int]
+    ) -> dict[str, Any]:
+        # One image, occasionally: inline, not through the shared memory.
+        answer = await self._call(
+            {
+                "op": "attention",
+                "permit": permit.number,
+                "patches": np.ascontiguousarray(patches).tobytes(),
+                "shape": list(patches.shape),
+                "image_size": list(image_size),
+            }
+        )
+        result: dict[str, Any] = answer["result"]
+        return result
 
     async def stats(self) -> tuple[int, int]:
         """(images queued, the queue's capacity) now."""

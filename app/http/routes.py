@@ -149,6 +149,7 @@ async def models(service: ServiceDep) -> ModelsResponse:
                 rollout_versions=[v.version for v in model.versions if v.rollout],
                 num_classes=arch.num_classes,
                 patch_size=arch.patch_size,
+                backbone=None if arch.backbone is None else arch.backbone.description,
                 native_grid=arch.grid,
                 input_size=arch.input_size,
                 fit_max_tokens=model.max_tokens,

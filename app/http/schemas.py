@@ -68,6 +68,11 @@ class ModelInfo(_Schema):
     )
     num_classes: int
     patch_size: int
+    backbone: str | None = Field(
+        default=None,
+        description="hybrids (paper §3.1): the CNN whose feature-map cells are the tokens; "
+        "patch_size is then its total stride",
+    )
     native_grid: tuple[int, int] = Field(description="[grid_h, grid_w] the weights were trained at")
     input_size: tuple[int, int] = Field(description="[height, width] in pixels of the native grid")
     fit_max_tokens: int = Field(description="token cap of the `fit` resize policy")

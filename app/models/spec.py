@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 SPEC_FILENAME = "model.json"
 GRAPH_FILENAME = "model.onnx"
 ROLLOUT_GRAPH_FILENAME = "model.rollout.onnx"
+# What a ViT has learned (paper Fig. 7), computed at export beside the graphs.
+INTROSPECTION_FILENAME = "introspection.json"
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
@@ -28,6 +30,21 @@ Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Backbone(_Frozen):
+    """A hybrid's CNN (paper §3.1): the tokens are its feature map's cells, not pixel patches.
+
+    The contract is unchanged: `patch_size` is then the CNN's total stride, so each input patch
+    is the pixels of one token's cell.
+    """
+
+    kind: str = Field(description="the CNN's family, e.g. resnetv2")
+    description: str = Field(description="a short human name, e.g. 'ResNetV2 stem+[2,2,2,2]'")
+    stride: int = Field(gt=0, description="pixels per token on each axis (= patch_size)")
+    feature_stride: int = Field(gt=0, description="pixels per feature-map cell")
+    feature_channels: int = Field(gt=0)
+    config: dict[str, object] = Field(default_factory=dict, description="the export's config")
 
 
 class Architecture(_Frozen):
@@ -40,6 +57,7 @@ class Architecture(_Frozen):
     depth: int = Field(gt=0)
     heads: int = Field(gt=0)
     num_classes: int = Field(gt=0)
+    backbone: Backbone | None = Field(default=None, description="hybrids only: the CNN")
 
     @property
     def patch_dim(self) -> int:
@@ -151,6 +169,11 @@ class GraphFiles(_Frozen):
 
     model: str = Field(description="sha256 of model.onnx")
     rollout: str | None = Field(default=None, description="sha256 of model.rollout.onnx")
+    introspection: str | None = Field(
+        default=None,
+        description="sha256 of introspection.json; set only where this version's rollout graph "
+        "has the introspection outputs (RolloutGraph.introspection)",
+    )
     # Per version, not per model: versions of one model may be exported differently.
     optimization: GraphOptimization = Field(default_factory=GraphOptimization)
 
@@ -163,6 +186,9 @@ class RolloutGraph(_Frozen):
     head_fusions: list[str] = Field(
         default=["mean", "max", "min"], description="the `head_fusion` input's values, in order"
     )
+    # Outputs beyond `outputs` that only the introspection endpoints fetch (attention distance
+    # per block and head, the grid's position embeddings); the rollout path never asks for them.
+    introspection: list[TensorSpec] = Field(default_factory=list)
 
 
 class ModelSpec(_Frozen):

@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from app.core.colormap import COLORMAP
 from app.engine import RolloutMap
 from app.models.spec import HeadFusion
 from app.pipeline.preprocess import ImageDecodeError, ResizePlan, open_image, orient, to_rgb
@@ -44,31 +45,6 @@ def normalise(rollout: NDArray[np.floating]) -> RolloutMap:
         # A discard ratio near 1 can zero every patch: there is no "most attended" patch.
         return np.zeros_like(values)
     return values / np.float32(top)
-
-
-def _inferno_lut() -> NDArray[np.uint8]:
-    """(256, 3) uint8: linear interpolation between nine stops of matplotlib's inferno."""
-    stops = np.array(
-        [
-            (0, 0, 4),
-            (31, 12, 72),
-            (85, 15, 109),
-            (136, 34, 106),
-            (186, 54, 85),
-            (227, 89, 51),
-            (249, 140, 10),
-            (249, 201, 50),
-            (252, 255, 164),
-        ],
-        dtype=np.float64,
-    )
-    at = np.linspace(0.0, 1.0, len(stops))
-    x = np.linspace(0.0, 1.0, 256)
-    channels = [np.interp(x, at, stops[:, c]) for c in range(3)]
-    return np.rint(np.stack(channels, axis=1)).astype(np.uint8)
-
-
-COLORMAP = _inferno_lut()
 
 
 def seen_box(image_size: tuple[int, int], plan: ResizePlan) -> tuple[int, int, int, int]:

@@ -2,6 +2,7 @@
 
     python -m export.demo.train --out build/demo            # the full run (<= 20 min, 2 cores)
     python -m export.demo.train --steps 5 --out /tmp/smoke  # a smoke run
+    python -m export.demo.train --hybrid --out build/demo-hybrid  # the hybrid (paper §3.1)
 
 Every step sees freshly generated images (a new seeded chunk per pass), so the model never sees
 an image twice and held-out accuracy tracks training accuracy. The held-out split comes from
@@ -26,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from export.checkpoints import load_checkpoint, save_checkpoint
+from export.demo.hybrid import demo_hybrid, demo_hybrid_config
 from export.demo.shapes import CLASSES, generate
+from export.hybrid import HybridViT
 from export.vit import VisionTransformer, ViTConfig, count_parameters, patchify
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class TrainArgs:
     max_minutes: float = 19.0
     threads: int = 2
     resume: Path | None = None  # a checkpoint.pt (+ training.json beside it) to go on from
+    hybrid: bool = False  # the hybrid of paper §3.1 (export/demo/hybrid.py) instead of the ViT
     eval_every: int = 100
 
 
@@ -108,8 +112,8 @@ def clutter_at(progress: float) -> float:
 def train(args: TrainArgs) -> dict[str, object]:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    cfg = demo_config()
-    model = VisionTransformer(cfg)
+    cfg = demo_hybrid_config() if args.hybrid else demo_config()
+    model = demo_hybrid(cfg) if args.hybrid else VisionTransformer(cfg)
     earlier: dict[str, Any] = {}
     if args.resume is not None:
         # A second leg starts a fresh warm-up and cosine cycle from the earlier weights; the
@@ -185,6 +189,7 @@ def train(args: TrainArgs) -> dict[str, object]:
     record: dict[str, object] = {
         "classes": list(CLASSES),
         "config": cfg.to_dict(),
+        **({"backbone": model.backbone.to_dict()} if isinstance(model, HybridViT) else {}),
         "parameters": count_parameters(model),
         "steps": step,
         "stopped_early": stopped_early,
@@ -235,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=TrainArgs.lr)
     p.add_argument("--threads", type=int, default=TrainArgs.threads)
     p.add_argument("--resume", type=Path, default=None, help="go on from this checkpoint.pt")
+    p.add_argument("--hybrid", action="store_true", help="train the hybrid (CNN stem + ViT)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train(
@@ -247,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             lr=a.lr,
             threads=a.threads,
             resume=a.resume,
+            hybrid=a.hybrid,
             warmup_steps=min(TrainArgs.warmup_steps, max(1, a.steps // 10)),
         )
     )

@@ -61,6 +61,7 @@ async def test_models_describes_each_model(client: httpx.AsyncClient) -> None:
                 "rollout_versions": [1, 2],
                 "num_classes": 10,
                 "patch_size": 8,
+                "backbone": None,
                 "native_grid": [8, 8],
                 "input_size": [64, 64],
                 "fit_max_tokens": 128,

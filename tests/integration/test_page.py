@@ -509,3 +509,43 @@ def test_an_exif_rotated_photo_is_drawn_the_way_the_server_saw_it(
     assert math.isclose(
         heat_stats(card)["width"] / heat_stats(card)["height"], 96 / 160, rel_tol=0.02
     )
+
+
+def test_the_demo_models_learned_panels_on_the_page(
+    open_page: PageOpener, demo_server: LiveServer, artifacts: Path
+) -> None:
+    page, _ = open_page(demo_server)
+    show = page.locator("#learned-show")
+    expect(show).to_be_enabled()
+    show.click()
+    panels = page.locator("#learned-panels")
+    expect(panels).to_be_visible(timeout=SETTLE_TIMEOUT_MS)
+    expect(page.locator("#learned-filters-caption")).to_contain_text(
+        "First 28 principal components of the patch embedding's 8x8 RGB filters"
+    )
+    expect(page.locator("#learned-similarity-caption")).to_contain_text("native 8×8 grid")
+    expect(page.locator("#learned-distance-caption")).to_contain_text("over 1000 held-out images")
+    for img in ("#learned-filters", "#learned-similarity", "#learned-distance"):
+        width = page.locator(img).evaluate("(node) => node.naturalWidth")
+        assert width > 0, img
+    expect(page.locator("#learned-resampled-figure")).to_be_hidden()
+    # A resampled grid, as the served graph resamples its position embeddings.
+    page.fill("#learned-grid", "5x11")
+    page.press("#learned-grid", "Enter")
+    expect(page.locator("#learned-resampled-caption")).to_contain_text("Resampled to 5×11")
+    # A bad grid shows the API's own words.
+    page.fill("#learned-grid", "0x3")
+    show.click()
+    expect(page.locator("#learned-error")).to_have_text(
+        "HTTP 422 grid 0x3: both sides must be at least 1 patch"
+    )
+    # One image's attention distance, measured by the server on the rollout graph.
+    image = generate(1, seed=HELD_OUT_SEED).images[0]
+    page.set_input_files(
+        "#learned-image", [png_payload("shape.png", encode(Image.fromarray(image), "PNG"))]
+    )
+    expect(page.locator("#learned-image-caption")).to_contain_text(
+        "shape.png: mean attention distance per head and depth over its 8×8 grid",
+        timeout=SETTLE_TIMEOUT_MS,
+    )
+    page.screenshot(path=artifacts / "page-learned.png", full_page=True)

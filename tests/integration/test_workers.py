@@ -137,6 +137,14 @@ def test_every_request_is_answered_once_and_counted_across_the_front_ends(tmp_pa
         metrics = fresh_get(f"{replica.url}/metrics").text
         views = {fresh_get(f"{replica.url}/models").text for _ in range(12)}
         ready = {(fresh_get(f"{replica.url}/v2/health/ready").status_code) for _ in range(12)}
+        # Introspection runs in the engine process too (its CPU session there).
+        learned = fresh_get(f"{replica.url}/models/tiny/introspection")
+        with httpx.Client(timeout=30) as client:
+            one = client.post(
+                f"{replica.url}/models/tiny/introspection/attention-distance",
+                content=png_bytes(64),
+                headers={"content-type": "image/png"},
+            )
         assert shm_names() == before  # the shared memory has no name
     assert answers == [200] * 48
     # One /metrics for the replica, whichever front end answers it: every process added up.
@@ -150,6 +158,8 @@ def test_every_request_is_answered_once_and_counted_across_the_front_ends(tmp_pa
     assert metric(metrics, "vit_serve_batch_size_count") >= 1  # the engine process's own
     assert "\nvit_serve_ready 1.0\n" in metrics
     assert len(views) == 1 and ready == {200}  # the same answer from every front end
+    assert learned.status_code == 200, learned.text
+    assert one.status_code == 200 and one.json()["grid"] == [8, 8], one.text
 
 
 def test_admission_is_global_and_refused_before_the_body(tmp_path: Path) -> None:

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.core.colormap import COLORMAP
 from app.models.repository import scan_repository
 from app.models.spec import Preprocess
 from app.pipeline.preprocess import crop_plan, resize_plan
 from app.pipeline.rollout import (
-    COLORMAP,
     heatmap_png,
     normalise,
     overlay,

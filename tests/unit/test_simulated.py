@@ -194,7 +194,11 @@ async def test_the_setting_serves_every_model_on_the_simulated_accelerator(
     settings = Settings(model_repo=DEMO_REPO, simulated_curve=GPU_CHECK)
     data = jpeg(120, 90, seed=3)
     async with serve(settings) as client:
-        (model,) = (await client.get("/models")).json()["models"]
+        (model,) = [
+            m
+            for m in (await client.get("/models")).json()["models"]
+            if m["name"] == DEMO_MODEL.name
+        ]
         response = await client.post(
             "/classify",
             params={"resize": "crop", "top_k": 1},
@@ -226,5 +230,9 @@ async def test_the_setting_serves_every_model_on_the_simulated_accelerator(
 @pytest.mark.anyio
 async def test_without_the_setting_the_graphs_run_on_onnx_runtime() -> None:
     async with serve(Settings(model_repo=DEMO_REPO)) as client:
-        (model,) = (await client.get("/models")).json()["models"]
+        (model,) = [
+            m
+            for m in (await client.get("/models")).json()["models"]
+            if m["name"] == DEMO_MODEL.name
+        ]
     assert model["provider"] != SIMULATED

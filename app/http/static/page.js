@@ -167,7 +167,8 @@
     const graph = form === "int8" ? "int8 graph (rollout maps from the fp32 graph)"
       : form ? `${form} graph` : "graph";
     el.modelInfo.textContent =
-      `${model.name} v${currentVersion()}: ${model.num_classes} classes, patch ` +
+      `${model.name} v${currentVersion()}: ${model.num_classes} classes, ` +
+      (model.backbone ? `hybrid: ${model.backbone}, tokens of ` : "patch ") +
       `${model.patch_size} px, native grid ${gh}×${gw} (${w}×${h} px; crop: ${crop}), ` +
       `${graph} on ${model.provider}${rollout}`;
   }
