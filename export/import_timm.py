@@ -246,9 +246,15 @@ def _map_timm(model: Any, what: str, checkpoint: str, hybrid: bool) -> LoadedViT
         mapped["patch_embed.proj.weight"] = conv_to_linear(src.take("patch_embed.proj.weight"))
         mapped["patch_embed.proj.bias"] = src.take("patch_embed.proj.bias")
     else:
-        # map_timm_hybrid_embed checked every module of the CNN; its tensors are all used.
+        # map_timm_hybrid_embed took each of the CNN's tensors once, by module: as many as
+        # timm has, or one was left behind (an architecture feature it does not implement).
+        cnn_keys = [k for k in src.left if k.startswith("patch_embed.")]
+        if len(cnn_keys) != len(backbone.tensors):
+            raise UnsupportedCheckpointError(
+                f"{what}: {len(cnn_keys)} CNN tensors, {len(backbone.tensors)} of them mapped"
+            )
         mapped.update(backbone.tensors)
-        src.drop(*[k for k in list(src.left) if k.startswith("patch_embed.")])
+        src.drop(*cnn_keys)
     pos = src.take("pos_embed")  # (1, [1 +] N, D)
     if model.no_embed_class:
         # deit-3 style: the class token gets no position embedding, i.e. a zero one.

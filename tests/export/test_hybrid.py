@@ -31,7 +31,9 @@ from export.onnx_export import export_to_repository
 from export.vit import patchify
 from tests.images import encode
 
-ODD_GRIDS = [(8, 8), (5, 5), (11, 11), (5, 7), (3, 9), (1, 1)]
+# Not 1x1: there the last stage's map is one cell, GroupNorm normalises groups of one value
+# (x - mean is rounding noise, divided by sqrt(eps)) and any two runtimes differ by ~1e-4.
+ODD_GRIDS = [(8, 8), (5, 5), (11, 11), (5, 7), (3, 9), (7, 3)]
 
 
 def _randomise_norms(model: Any, seed: int = 0) -> Any:
