@@ -77,7 +77,7 @@ def create_app(
             engine = local
         else:
             remote = RemoteEngine(engine_address, settings.shared_memory_bytes)
-            await remote.start(timeout_s=settings.engine_start_timeout_s)
+            await remote.start(settings.engine_start_timeout_s, lambda: lifecycle.draining)
             engine = remote
         service = ClassifyService(settings, engine)
         previous_limit = configure_pillow(settings.image_max_pixels)

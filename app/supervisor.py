@@ -138,13 +138,13 @@ class Supervisor:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _stop(self, signum: int, frame: object) -> None:
-        if self.stopping:
-            # A second signal: passed on at once, cutting the front ends' delay short as it
-            # does for one process.
-            for child in self.front_ends:
-                if child.process is not None and child.process.poll() is None:
-                    child.process.send_signal(signal.SIGTERM)
+        # Passed on at once, from the handler: a front end answering meanwhile would keep its
+        # connections alive after the replica was told to stop. A second signal cuts the front
+        # ends' delay short, as it does for one process.
         self.stopping = True
+        for child in self.front_ends:
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
 
     def _watch(self) -> None:
         now = time.monotonic()
@@ -170,7 +170,8 @@ class Supervisor:
                 self._forget(process.pid)
                 child.process = None
                 child.restart_at = now + delay
-            if child.process is None and child.restart_at is not None and now >= child.restart_at:
+            restart = child.restart_at is not None and now >= child.restart_at
+            if child.process is None and restart and not self.stopping:
                 child.start(self.env)
 
     def _forget(self, pid: int) -> None:
@@ -184,9 +185,6 @@ class Supervisor:
         """The front ends drain (delay, listener, in-flight requests) as one process does;
         then the engine stops, finishing what is queued."""
         log.info("supervisor: stopping %d front ends, then the engine", len(self.front_ends))
-        for child in self.front_ends:
-            if child.process is not None and child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
         limit = self.settings.shutdown_delay_s + 2 * self.settings.drain_timeout_s + 10
         for child in self.front_ends:
             if child.process is not None:

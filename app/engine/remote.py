@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -58,11 +59,18 @@ class RemoteEngine:
 
     # --- the connection ------------------------------------------------------------------------
 
-    async def start(self, timeout_s: float) -> None:
-        """Connect (and keep reconnecting); wait up to `timeout_s` for the first state."""
+    async def start(self, timeout_s: float, stopping: Callable[[], bool] = lambda: False) -> None:
+        """Connect (and keep reconnecting); wait up to `timeout_s` for the first state, or
+        until `stopping()` says this process is asked to exit (then RuntimeError: a front end
+        told to stop while the engine was still starting must not wait for it)."""
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="engine-link")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), timeout_s)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not self._connected.is_set() and asyncio.get_running_loop().time() < deadline:
+            if stopping():
+                await self.stop()
+                raise RuntimeError("asked to stop before the engine process was reached")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), 0.1)
 
     async def stop(self) -> None:
         self._closing = True
