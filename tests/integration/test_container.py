@@ -83,10 +83,14 @@ def pinned_ort_version() -> str:
     return match.group(1)
 
 
-def locked_versions(name: str) -> dict[str, str]:
-    """An exported lock file's packages and versions: requirements/serve.txt -> {name: version}."""
+def locked_versions(name: str) -> dict[str, set[str]]:
+    """An exported lock file's packages and their versions (a package may be locked at two, one
+    per range of Python versions): requirements/serve.txt -> {name: {version, ...}}."""
+    locked: dict[str, set[str]] = {}
     text = (ROOT / name).read_text()
-    return dict(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", text, re.MULTILINE))
+    for package, version in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", text, re.M):
+        locked.setdefault(package, set()).add(version)
+    return locked
 
 
 def test_the_gpu_and_cpu_variants_differ_only_in_base_image_and_locked_requirements() -> None:
@@ -131,8 +135,8 @@ def test_the_gpu_and_cpu_variants_differ_only_in_base_image_and_locked_requireme
     # variant adds TensorRT's libraries, nothing else.
     ort = pinned_ort_version()
     gpu_lock, cpu_lock = locked_versions(args["GPU_LOCK"]), locked_versions(args["CPU_LOCK"])
-    assert gpu_lock.get("onnxruntime-gpu") == ort and "onnxruntime" not in gpu_lock
-    assert cpu_lock.get("onnxruntime") == ort and "onnxruntime-gpu" not in cpu_lock
+    assert gpu_lock.get("onnxruntime-gpu") == {ort} and "onnxruntime" not in gpu_lock
+    assert cpu_lock.get("onnxruntime") == {ort} and "onnxruntime-gpu" not in cpu_lock
     assert not {"torch", "torchvision"} & (set(gpu_lock) | set(cpu_lock))
     (tensorrt,) = args["GPU_WHEELS"].split()
     match = re.fullmatch(r"tensorrt-cu(\d+)-libs==(\d+)\.[\d.]+", tensorrt)
@@ -217,10 +221,7 @@ def test_the_image_holds_the_cpu_wheel_and_neither_torch_nor_the_gpu_wheel(
     assert not [d for d in dists if d.startswith(("nvidia-", "tensorrt"))]
     # Exactly the lock's versions: the image installs the CPU lock and nothing else (a package
     # may be locked at two versions, one per range of Python versions).
-    text = (ROOT / global_args()["CPU_LOCK"]).read_text()
-    locked: dict[str, set[str]] = {}
-    for name, version in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", text, re.M):
-        locked.setdefault(name, set()).add(version)
+    locked = locked_versions(global_args()["CPU_LOCK"])
     assert dists["onnxruntime"] == pinned_ort_version() and locked["onnxruntime"] == {
         pinned_ort_version()
     }
