@@ -110,6 +110,9 @@ def create_app(
         title="vit-serve",
         summary="Vision Transformer inference: dynamic resolution, continuous batching.",
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry hooks, off: the service's metrics are Prometheus's, and
+        # with them on every request asks the global providers whether anyone listens.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
     app.include_router(router)

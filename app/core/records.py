@@ -8,7 +8,7 @@ nothing of the app, so every layer may use it.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -21,6 +21,7 @@ class RequestRecord:
     model: str = ""  # the model it resolved to; "" before (or without) resolution
     images: int = 0
     preprocess_s: float | None = None
+    queue_waits_s: Sequence[float] = ()  # each image's wait for its batch, from the engine
     error_reason: str | None = None
 
 
@@ -48,6 +49,13 @@ def note_model(name: str) -> None:
     record = _current.get()
     if record is not None:
         record.model = name
+
+
+def note_queued(waits_s: Sequence[float]) -> None:
+    """The current request's images waited this long in the engine's queue."""
+    record = _current.get()
+    if record is not None:
+        record.queue_waits_s = waits_s
 
 
 def note_preprocessed(images: int, seconds: float) -> None:

@@ -12,10 +12,10 @@ copy) and writes the outputs, and the front end frees it once the engine has ans
 from __future__ import annotations
 
 import bisect
+import math
 import mmap
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -27,35 +27,35 @@ def _round_up(n: int) -> int:
     return max(PAGE, (n + PAGE - 1) // PAGE * PAGE)
 
 
-@dataclass(frozen=True)
 class Layout:
-    """Where a request's tensors lie in its block, offsets from the block's start."""
+    """Where a request's tensors lie in its block, offsets from the block's start (worked out
+    once: each job's layout is read several times on both sides)."""
 
-    grids: tuple[tuple[int, int], ...]  # (grid_h, grid_w) per image
-    patch_dim: int
-    classes: int
-    rollout: bool
+    __slots__ = (
+        "classes",
+        "grids",
+        "logits_at",
+        "patch_bytes",
+        "patch_dim",
+        "probs_at",
+        "rollout",
+        "rollout_at",
+        "size",
+    )
 
-    @property
-    def patch_bytes(self) -> list[int]:
-        return [gh * gw * self.patch_dim for gh, gw in self.grids]
-
-    @property
-    def logits_at(self) -> int:
-        return _align(sum(self.patch_bytes))
-
-    @property
-    def probs_at(self) -> int:
-        return self.logits_at + _align(len(self.grids) * self.classes * 4)
-
-    @property
-    def rollout_at(self) -> int:
-        return self.probs_at + len(self.grids) * self.classes * 8
-
-    @property
-    def size(self) -> int:
-        maps = sum(gh * gw * 4 for gh, gw in self.grids) if self.rollout else 0
-        return self.rollout_at + maps
+    def __init__(
+        self, grids: tuple[tuple[int, int], ...], patch_dim: int, classes: int, rollout: bool
+    ) -> None:
+        self.grids = grids  # (grid_h, grid_w) per image
+        self.patch_dim = patch_dim
+        self.classes = classes
+        self.rollout = rollout
+        self.patch_bytes = [gh * gw * patch_dim for gh, gw in grids]
+        self.logits_at = _align(sum(self.patch_bytes))
+        self.probs_at = self.logits_at + _align(len(grids) * classes * 4)
+        self.rollout_at = self.probs_at + len(grids) * classes * 8
+        maps = sum(gh * gw * 4 for gh, gw in grids) if rollout else 0
+        self.size = self.rollout_at + maps
 
 
 def _align(n: int) -> int:
@@ -66,9 +66,14 @@ class Arena:
     """One memory file mapped here; `alloc`/`free` are for its owner, the front end."""
 
     def __init__(self, fd: int, size: int, owner: bool) -> None:
-        self.fd = fd
         self.size = size
         self.map = mmap.mmap(fd, size)
+        if not owner:
+            # The mapping keeps the memory; the engine never needs the descriptor again, and
+            # one kept per front end that ever connected would add up over restarts.
+            os.close(fd)
+            fd = -1
+        self.fd = fd
         self._free: list[tuple[int, int]] = [(0, size)] if owner else []  # (offset, size)
         self.used = 0
 
@@ -84,7 +89,8 @@ class Arena:
 
     def close(self) -> None:
         self.map.close()
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
 
     # --- the owner's blocks (first fit, neighbours merged on free) -------------------------------
 
@@ -122,7 +128,7 @@ class Arena:
     def array(
         self, offset: int, shape: Sequence[int], dtype: type[np.generic]
     ) -> NDArray[np.generic]:
-        count = int(np.prod(shape))
+        count = math.prod(shape)
         return np.frombuffer(self.map, dtype=dtype, count=count, offset=offset).reshape(shape)
 
     def patches(self, block: int, layout: Layout) -> list[NDArray[np.uint8]]:

@@ -79,10 +79,20 @@ def _answer(item: _Item, result: Output | BaseException) -> None:
         item.future.set_result(result)
 
 
-class BatchObserver(Protocol):
-    """Told of each batch that ran (the service's metrics); must not raise."""
+async def outputs_of(futures: Sequence[asyncio.Future[Output]]) -> list[Output]:
+    """Every image's output of a submitted request, in order; raises the first image's error.
+    Cancelling the wait cancels the futures, which frees their queue places."""
+    if len(futures) == 1:  # the usual request: awaited as it is, no gathering future
+        return [await futures[0]]
+    # return_exceptions: every future's outcome is retrieved, none logged as "never retrieved".
+    return first_error_or_all(await asyncio.gather(*futures, return_exceptions=True))
 
-    def batch_done(self, key: BatchKey, queue_waits_s: Sequence[float], run_s: float) -> None: ...
+
+class BatchObserver(Protocol):
+    """Told of each batch that ran (the service's metrics); must not raise. (Each image's
+    queue wait goes back with its output: `Output.queued_s`.)"""
+
+    def batch_done(self, key: BatchKey, images: int, run_s: float) -> None: ...
 
 
 class Batcher:
@@ -205,12 +215,7 @@ class Batcher:
         self, requests: Sequence[tuple[BatchKey, NDArray[np.uint8]]], deadline: float
     ) -> list[Output]:
         """Submit and wait for every image's output; raises the first image's error."""
-        futures = self.submit(requests, deadline)
-        if len(futures) == 1:  # the usual request: awaited as it is, no gathering future
-            return [await futures[0]]  # cancelling this call cancels it, freeing its slot
-        # return_exceptions: every future's outcome is retrieved, none logged as "never
-        # retrieved"; cancelling this call cancels the futures, which frees their queue slots.
-        return first_error_or_all(await asyncio.gather(*futures, return_exceptions=True))
+        return await outputs_of(self.submit(requests, deadline))
 
     async def stop(self, drain_timeout_s: float = 0.0) -> None:
         """Refuse new work, finish queued work for up to `drain_timeout_s`, answer the rest."""
@@ -323,13 +328,14 @@ class Batcher:
             for item in batch:  # its version left the table while it was queued
                 _answer(item, not_served(key))
             return
+        started = time.perf_counter()
+        waits = [started - item.enqueued_at for item in batch]
         if key.rollout is None:
-            job = functools.partial(run_plain, plain, patches)
+            job = functools.partial(run_plain, plain, patches, waits)
         else:
             assert rollout is not None
-            job = functools.partial(run_rollout, rollout, key.rollout, patches)
+            job = functools.partial(run_rollout, rollout, key.rollout, patches, waits)
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(self._executors[lane], job)
         except asyncio.CancelledError:
@@ -349,5 +355,4 @@ class Batcher:
             for item, output in zip(batch, outputs, strict=True):
                 _answer(item, output)
             if self.observer is not None:
-                waits = [started - item.enqueued_at for item in batch]
-                self.observer.batch_done(key, waits, time.perf_counter() - started)
+                self.observer.batch_done(key, len(batch), time.perf_counter() - started)

@@ -37,6 +37,9 @@ class Output:
     # one vectorised call per batch instead of one per image.
     probs: Probs
     rollout: RolloutMap | None = None  # (grid_h, grid_w), for rollout keys only
+    # Seconds it waited in the queue before its batch ran. The front door records it with the
+    # request's other figures: per image, in the front end's process, not the engine's.
+    queued_s: float = 0.0
 
 
 class BatchingError(ServiceError):
@@ -101,20 +104,22 @@ def _check_rows(what: str, rows: int, items: int) -> None:
 
 # Both run in the inference thread: stacking copies megabytes, not for the event loop; and so
 # does the softmax of the whole batch.
-def run_plain(backend: Backend, patches: list[Patches]) -> list[Output]:
+def run_plain(backend: Backend, patches: list[Patches], waits: list[float]) -> list[Output]:
+    """`waits`: each image's seconds in the queue, given back with its output."""
     logits = backend.run(np.stack(patches))  # (B, grid_h, grid_w, P*P*C) -> (B, classes)
     _check_rows("logits", logits.shape[0], len(patches))
-    return [Output(row, p) for row, p in zip(logits, softmax(logits), strict=True)]
+    rows = zip(logits, softmax(logits), waits, strict=True)
+    return [Output(row, p, None, wait) for row, p, wait in rows]
 
 
 def run_rollout(
-    backend: RolloutBackend, params: RolloutParams, patches: list[Patches]
+    backend: RolloutBackend, params: RolloutParams, patches: list[Patches], waits: list[float]
 ) -> list[Output]:
     logits, maps = backend.run(np.stack(patches), params)  # (B, classes), (B, grid_h, grid_w)
     _check_rows("logits", logits.shape[0], len(patches))
     _check_rows("rollout", maps.shape[0], len(patches))
-    rows = zip(logits, maps, softmax(logits), strict=True)
-    return [Output(row, p, rollout) for row, rollout, p in rows]
+    rows = zip(logits, maps, softmax(logits), waits, strict=True)
+    return [Output(row, p, rollout, wait) for row, rollout, p, wait in rows]
 
 
 T = TypeVar("T")

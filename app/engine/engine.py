@@ -32,7 +32,7 @@ from app.core.errors import (
     RolloutUnavailableError,
 )
 from app.core.settings import Settings
-from app.engine.batcher import Batcher, BatchObserver
+from app.engine.batcher import Batcher, BatchObserver, outputs_of
 from app.engine.batches import BatchKey, Output
 from app.engine.introspection import Introspection, parse_grid
 from app.engine.table import ModelTable, ReloadReport
@@ -273,6 +273,14 @@ class Engine:
 
     async def infer(self, permit: Permit, job: Job) -> EngineResult:
         """Run a job on the version `permit` holds, through the queue and the batcher."""
+        served = permit.served
+        outputs = await outputs_of(self.submit(permit, job))
+        return EngineResult(served.name, served.version, served.spec, outputs)
+
+    def submit(self, permit: Permit, job: Job) -> list[asyncio.Future[Output]]:
+        """`infer` without the wait: the job's images queued, each one's future in order
+        (the engine's host answers from their callbacks, with no task a job). Cancelling a
+        future frees its queue place."""
         if permit.released:
             raise RuntimeError("this permit was released: admit the request again")
         served = permit.served
@@ -287,14 +295,13 @@ class Engine:
                 )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (job.deadline - time.monotonic())
-        outputs = await self.batcher.infer(
+        return self.batcher.submit(
             [
                 (BatchKey(served.name, served.version, (p.shape[0], p.shape[1]), job.rollout), p)
                 for p in job.patches
             ],
             deadline,
         )
-        return EngineResult(served.name, served.version, served.spec, outputs)
 
     # --- what is served ----------------------------------------------------------------------
 

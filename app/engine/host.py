@@ -24,6 +24,7 @@ import numpy as np
 import app.engine.wire as wire
 from app.core.errors import ServiceError
 from app.engine.arena import Arena, Layout
+from app.engine.batches import Output
 from app.engine.engine import Engine, Job, Permit
 
 log = logging.getLogger(__name__)
@@ -36,13 +37,12 @@ class _FrontEnd:
     number: int
     pid: int
     arena: Arena
-    writer: asyncio.StreamWriter
+    link: wire.Link
     permits: dict[int, Permit] = field(default_factory=dict)
-    jobs: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    jobs: dict[int, list[asyncio.Future[Output]]] = field(default_factory=dict)  # by job id
 
     def send(self, message: dict[str, Any]) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(wire.pack(message))
+        self.link.send(message)
 
 
 def _receive_hello(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
@@ -50,10 +50,10 @@ def _receive_hello(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     conn.setblocking(True)
     conn.settimeout(10.0)
     data, fds, _, _ = socket.recv_fds(conn, HELLO_BYTES, 4)
-    if len(data) < 4:
+    if not data:
         raise wire.ProtocolError("no hello")
-    message = wire.unpack(data[4:])
-    if not isinstance(message, dict) or message.get("op") != "hello":
+    message = wire.unpack(data)
+    if message.get("op") != "hello":
         raise wire.ProtocolError("the first message is not a hello")
     return message, fds
 
@@ -84,7 +84,7 @@ class EngineHost:
         if self._listener is not None:
             self._listener.close()
         for front in list(self._front_ends.values()):
-            front.writer.close()
+            front.link.close()
 
     def state(self) -> dict[str, Any]:
         return {
@@ -124,21 +124,30 @@ class EngineHost:
             conn.close()
             return
         conn.setblocking(False)
-        reader, writer = await asyncio.open_unix_connection(sock=conn)
-        front = _FrontEnd(
-            next(self._numbers), int(hello["pid"]), Arena.attach(fds[0], int(hello["size"])), writer
-        )
+        arena = Arena.attach(fds[0], int(hello["size"]))
+        ended: asyncio.Future[None] = loop.create_future()
+        front: _FrontEnd | None = None
+
+        def received(message: dict[str, Any]) -> None:
+            assert front is not None
+            try:
+                self._dispatch(front, message)
+            except wire.ProtocolError as exc:
+                front.link.abort(exc)
+
+        def lost(exc: BaseException | None) -> None:
+            if exc is not None:
+                log.warning("front end %d: %s", front.number if front else 0, exc)
+            if not ended.done():
+                ended.set_result(None)
+
+        _, link = await loop.connect_accepted_socket(lambda: wire.Link(received, lost), sock=conn)
+        front = _FrontEnd(next(self._numbers), int(hello["pid"]), arena, link)
         self._front_ends[front.number] = front
         log.info("front end %d (pid %d) connected", front.number, front.pid)
         front.send({**self.state(), "op": "welcome"})
         try:
-            while True:
-                message = await wire.read(reader)
-                if message is None:
-                    break
-                self._dispatch(front, message)
-        except (ConnectionError, wire.ProtocolError, asyncio.IncompleteReadError) as exc:
-            log.warning("front end %d: %s", front.number, exc)
+            await ended
         finally:
             self._gone(front)
 
@@ -146,11 +155,12 @@ class EngineHost:
         """A front end went away: its jobs are cancelled and its places come back."""
         self._front_ends.pop(front.number, None)
         for job in list(front.jobs.values()):
-            job.cancel()
+            for future in job:
+                future.cancel()
         for permit in front.permits.values():
             permit.release()
         front.permits.clear()
-        front.writer.close()
+        front.link.close()
         log.info("front end %d (pid %d) disconnected", front.number, front.pid)
 
     def _dispatch(self, front: _FrontEnd, message: dict[str, Any]) -> None:
@@ -174,12 +184,10 @@ class EngineHost:
                 if held is not None:
                     held.release()
             elif op == "infer":
-                task = asyncio.get_running_loop().create_task(self._infer(front, message))
-                front.jobs[int(message["id"])] = task
+                self._infer(front, message)
             elif op == "cancel":
-                job = front.jobs.get(int(message["job"]))
-                if job is not None:
-                    job.cancel()
+                for future in front.jobs.get(int(message["job"]), ()):
+                    future.cancel()
             elif op == "lookup":
                 served = self.engine.lookup_now(message["model"], message["version"])
                 front.send({"id": ident, "name": served.name, "version": served.version})
@@ -205,7 +213,7 @@ class EngineHost:
             log.exception("engine operation %s failed", op)
             front.send({"id": ident, "error": wire.error_of(exc)})
 
-    async def _infer(self, front: _FrontEnd, message: dict[str, Any]) -> None:
+    def _infer(self, front: _FrontEnd, message: dict[str, Any]) -> None:
         ident = int(message["id"])
         try:
             permit = front.permits.get(int(message["permit"]))
@@ -223,25 +231,64 @@ class EngineHost:
                 wire.rollout_from(message["rollout"]),
                 float(message["deadline"]),
             )
-            result = await self.engine.infer(permit, job)
+            futures = self.engine.submit(permit, job)
+        except ServiceError as exc:
+            front.send({"id": ident, "error": wire.error_of(exc)})
+            return
+        except Exception as exc:
+            log.exception("a job failed in the engine")
+            front.send({"id": ident, "error": wire.error_of(exc)})
+            return
+        front.jobs[ident] = futures
+        waiting = len(futures)
+
+        def done(_: asyncio.Future[Output]) -> None:
+            nonlocal waiting
+            waiting -= 1
+            if waiting == 0:
+                self._answer(front, ident, block, layout, futures)
+
+        for future in futures:
+            future.add_done_callback(done)
+
+    def _answer(
+        self,
+        front: _FrontEnd,
+        ident: int,
+        block: int,
+        layout: Layout,
+        futures: list[asyncio.Future[Output]],
+    ) -> None:
+        """Every image of a job is answered: its outputs into the block, or the first image's
+        error (in the images' order, as in one process)."""
+        front.jobs.pop(ident, None)
+        for future in futures:
+            if future.cancelled():
+                front.send({"id": ident, "error": {"type": "", "message": "cancelled"}})
+                return
+            exc = future.exception()
+            if exc is not None:
+                if not isinstance(exc, ServiceError):
+                    log.error("a job failed in the engine", exc_info=exc)
+                front.send({"id": ident, "error": wire.error_of(exc)})
+                return
+        try:
             logits = front.arena.logits(block, layout)
             probs = front.arena.probs(block, layout)
             maps = front.arena.rollouts(block, layout) if layout.rollout else []
-            for i, output in enumerate(result.outputs):
+            waits = []
+            for i, future in enumerate(futures):
+                output = future.result()
                 logits[i] = output.logits
                 probs[i] = output.probs
                 if layout.rollout and output.rollout is not None:
                     maps[i][...] = output.rollout
-            front.send({"id": ident, "ok": True})
-        except asyncio.CancelledError:
-            front.send({"id": ident, "error": {"type": "", "message": "cancelled"}})
-        except ServiceError as exc:
-            front.send({"id": ident, "error": wire.error_of(exc)})
+                waits.append(output.queued_s)
         except Exception as exc:
-            log.exception("a job failed in the engine")
+            log.exception("a job's outputs could not be written back")
             front.send({"id": ident, "error": wire.error_of(exc)})
-        finally:
-            front.jobs.pop(ident, None)
+            return
+        front.send({"id": ident, "waits": waits})
 
     async def _introspect(self, front: _FrontEnd, message: dict[str, Any]) -> None:
         ident = message["id"]

@@ -50,7 +50,7 @@ class RemoteEngine:
         self.arena = Arena.create(arena_bytes)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._writer: asyncio.StreamWriter | None = None
+        self._link: wire.Link | None = None
         self._readiness = Readiness(False, AWAY_MESSAGE, loaded=False)
         self._description = Description(None, (), (), None)
         self._connected = asyncio.Event()
@@ -78,8 +78,8 @@ class RemoteEngine:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
-        if self._writer is not None:
-            self._writer.close()
+        if self._link is not None:
+            self._link.close()
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -94,30 +94,35 @@ class RemoteEngine:
         return sock
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._closing:
             try:
                 sock = self._connect()
             except OSError:
                 await asyncio.sleep(RECONNECT_S)
                 continue
-            reader, writer = await asyncio.open_unix_connection(sock=sock)
-            self._writer = writer
+            ended: asyncio.Future[None] = loop.create_future()
+
+            def lost(exc: BaseException | None, ended: asyncio.Future[None] = ended) -> None:
+                if exc is not None:
+                    log.warning("the engine connection failed: %s", exc)
+                if not ended.done():
+                    ended.set_result(None)
+
+            _, link = await loop.create_unix_connection(
+                lambda: wire.Link(self._received, lost), sock=sock
+            )
+            self._link = link
             try:
-                while True:
-                    message = await wire.read(reader)
-                    if message is None:
-                        break
-                    self._received(message)
-            except (ConnectionError, wire.ProtocolError) as exc:
-                log.warning("the engine connection failed: %s", exc)
+                await ended
             finally:
-                self._lost(writer)
+                self._lost(link)
             await asyncio.sleep(RECONNECT_S)
 
-    def _lost(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = None
+    def _lost(self, link: wire.Link) -> None:
+        self._link = None
         self._connected.clear()
-        writer.close()
+        link.close()
         self._readiness = Readiness(False, AWAY_MESSAGE, loaded=False)
         pending, self._pending = self._pending, {}
         for future in pending.values():
@@ -139,9 +144,9 @@ class RemoteEngine:
             future.set_result(message)
 
     def _send(self, message: dict[str, Any]) -> None:
-        if self._writer is None or not self._connected.is_set():
+        if self._link is None or not self._connected.is_set():
             raise NotReadyError(AWAY_MESSAGE)
-        self._writer.write(wire.pack(message))
+        self._link.send(message)
 
     async def _call(self, message: dict[str, Any]) -> dict[str, Any]:
         ident = next(self._ids)
@@ -226,10 +231,16 @@ class RemoteEngine:
             free()
             raise
         try:
-            answer = await asyncio.shield(future)
+            answer = await future
         except asyncio.CancelledError:
-            # The engine may be reading the patches now: the block is freed once it answers.
-            future.add_done_callback(lambda _: free())
+            # The engine may be reading the patches now: the block is freed once it answers
+            # (or the link is lost), through a stand-in for the future just cancelled.
+            if ident in self._pending:
+                late: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+                late.add_done_callback(lambda _: free())
+                self._pending[ident] = late
+            else:
+                free()
             with contextlib.suppress(NotReadyError):
                 self._send({"op": "cancel", "job": ident})
             raise
@@ -247,8 +258,8 @@ class RemoteEngine:
         finally:
             free()
         outputs = [
-            Output(logits[i], probs[i], maps[i] if layout.rollout else None)
-            for i in range(len(layout.grids))
+            Output(logits[i], probs[i], maps[i] if layout.rollout else None, float(wait))
+            for i, wait in enumerate(answer["waits"])
         ]
         return EngineResult(served.name, served.version, served.spec, outputs)
 

@@ -1,18 +1,20 @@
 """The engine's messages across a process boundary: framing, and what each plain value becomes.
 
-A message is a msgpack map behind a 4-byte big-endian length, on a Unix stream socket between
-one front-end process and the engine process. Tensors never travel here: they are written into
-the front end's shared memory (app/engine/arena.py) and named by offset and shape. What does
-travel: admissions, a job's grids, deadline and rollout parameters, errors (by class name and
-message, raised again on the other side as the same class), reload reports, and the engine's
-state (readiness and description), pushed to every front end whenever it changes.
+A message is a msgpack map, back to back with the others on a Unix stream socket between one
+front-end process and the engine process (`Link`: msgpack frames itself). Tensors never travel
+here: they are written into the front end's shared memory (app/engine/arena.py) and named by
+offset and shape. What does travel: admissions, a job's grids, deadline and rollout
+parameters, errors (by class name and message, raised again on the other side as the same
+class), reload reports, and the engine's state (readiness and description), pushed to every
+front end whenever it changes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import struct
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import Any, cast
 
 import msgpack
 
@@ -28,7 +30,8 @@ from app.models.repository import Unavailable
 from app.models.spec import ModelSpec, RolloutParams
 from app.runtime.providers import Placement
 
-_LENGTH = struct.Struct(">I")
+log = logging.getLogger(__name__)
+
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a description with many large label lists fits
 
 
@@ -44,28 +47,89 @@ class ProtocolError(RuntimeError):
 
 def pack(message: dict[str, Any]) -> bytes:
     body: bytes = msgpack.packb(message, use_bin_type=True)
-    return _LENGTH.pack(len(body)) + body
+    return body
 
 
 def unpack(body: bytes) -> dict[str, Any]:
-    message = msgpack.unpackb(body, raw=False)
+    """One whole message (the hello, which comes alone with the shared memory's descriptor)."""
+    try:
+        message = msgpack.unpackb(body, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"not a message: {exc}") from exc
     if not isinstance(message, dict):
         raise ProtocolError("a message is a map")
     return message
 
 
-async def read(reader: asyncio.StreamReader) -> dict[str, Any] | None:
-    """The next message; None at a clean end of the stream."""
-    try:
-        head = await reader.readexactly(_LENGTH.size)
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial:
-            raise ProtocolError("the stream ended inside a message's length") from exc
-        return None
-    (length,) = _LENGTH.unpack(head)
-    if length > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"a message of {length} bytes is over the limit")
-    return unpack(await reader.readexactly(length))
+class Link(asyncio.Protocol):
+    """One end of a front end's connection to the engine.
+
+    msgpack frames itself, so the stream is the messages back to back: each read hands every
+    whole message in it to `received`, in order, with no wait between them. What is sent in one
+    turn of the event loop leaves in one write at the start of the next: a batch's answers, or
+    a front end's admissions, releases and jobs, cost one system call, not one each.
+    """
+
+    def __init__(
+        self,
+        received: Callable[[dict[str, Any]], None],
+        lost: Callable[[BaseException | None], None],
+    ) -> None:
+        self._received = received
+        self._lost = lost
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE_BYTES)
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self._flushing = False
+
+    @property
+    def open(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._unpacker.feed(data)
+            for message in self._unpacker:
+                if not isinstance(message, dict):
+                    raise ProtocolError("a message is a map")
+                self._received(message)
+        except (ProtocolError, ValueError, msgpack.UnpackException) as exc:
+            # ValueError: msgpack's BufferFull and ExtraData, and bad data, derive from it.
+            self.abort(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._out.clear()
+        self._lost(exc)
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self.open:
+            return
+        self._out.append(msgpack.packb(message, use_bin_type=True))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        out, self._out = self._out, []
+        if out and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def close(self) -> None:
+        """Send what is pending, then close."""
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self, exc: BaseException) -> None:
+        """The other side broke the protocol: drop the connection (`lost` is told why)."""
+        log.warning("engine link: %s", exc)
+        if self._transport is not None:
+            self._transport.abort()
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ batch size) through the batcher's observer hook, which app/main.py connects.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -213,14 +213,11 @@ class Metrics:
             child = self._children[key] = metric.labels(*values)
         return child
 
-    def batch_done(self, key: BatchKey, queue_waits_s: Sequence[float], run_s: float) -> None:
+    def batch_done(self, key: BatchKey, images: int, run_s: float) -> None:
         """The batcher ran one batch of `key` (the batcher's observer protocol)."""
-        queue_wait = self._labelled(self.queue_wait, key.model)
-        for wait in queue_waits_s:
-            queue_wait.observe(wait)
         self._labelled(self.inference, key.model, key.graph).observe(run_s)
-        self._labelled(self.batch_size, key.model).observe(len(queue_waits_s))
-        self._labelled(self.batch_tokens, key.model).observe(len(queue_waits_s) * key.tokens)
+        self._labelled(self.batch_size, key.model).observe(images)
+        self._labelled(self.batch_tokens, key.model).observe(images * key.tokens)
 
     def request_done(
         self,
@@ -239,6 +236,10 @@ class Metrics:
         self._labelled(self.requests, route, code, model, protocol).inc()
         if record.preprocess_s is not None:
             self._labelled(self.preprocess, model).observe(record.preprocess_s)
+        if record.queue_waits_s:
+            queue_wait = self._labelled(self.queue_wait, model)
+            for wait in record.queue_waits_s:
+                queue_wait.observe(wait)
         if status < 400:
             if record.images:
                 self._labelled(self.images, model, protocol).inc(record.images)

@@ -133,6 +133,7 @@ class ClassifyService:
         )
         inferred = time.perf_counter()
         outputs = result.outputs
+        records.note_queued([output.queued_s for output in outputs])
         rollouts: Sequence[RolloutResult | None] = [None] * len(prepared)
         if rollout is not None:
             maps = _rollouts_of(result)
@@ -218,6 +219,7 @@ class ClassifyService:
         result = await self.engine.infer(permit, Job(patches, rollout, deadline))
         inferred = time.perf_counter()
         outputs = result.outputs
+        records.note_queued([output.queued_s for output in outputs])
         return Inference(
             model=result.name,
             version=result.version,

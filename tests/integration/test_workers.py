@@ -59,6 +59,30 @@ def front_ends(replica: Replica) -> list[int]:
     return sorted(p for p in children(replica.process.pid) if role_of(p) == "front-end")
 
 
+def listening(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on `port` (SO_REUSEPORT: each front end
+    has its own, and listens only once it has started)."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = os.readlink(fd) if fd.is_symlink() else ""
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return False
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        port_of = int(fields[1].rsplit(":", 1)[1], 16)
+        if fields[3] == "0A" and port_of == port and fields[9] in inodes:
+            return True
+    return False
+
+
+def every_front_end_listens(replica: Replica) -> bool:
+    pids = front_ends(replica)
+    return len(pids) == 2 and all(listening(p, replica.port) for p in pids)
+
+
 def engine_pid(replica: Replica) -> int | None:
     return next((p for p in children(replica.process.pid) if role_of(p) == "engine"), None)
 
@@ -92,7 +116,9 @@ def served(root: Path, work: Path, **settings: str) -> Iterator[Replica]:
             READY_S,
             f"not ready (log: {replica.log_path})",
         )
-        wait_until(lambda: len(front_ends(replica)) == 2, 10, "two front ends")
+        # Ready is the answer of whichever front end listens first: the test's kills and
+        # counts need both.
+        wait_until(lambda: every_front_end_listens(replica), 30, "two front ends listening")
         yield replica
     finally:
         if replica.process.poll() is None:
@@ -276,7 +302,7 @@ def test_a_front_end_that_dies_is_replaced_and_the_rest_go_on(tmp_path: Path) ->
         # have been reset: only new ones are asked for here).
         assert classify(replica.url).status_code == 200
         wait_until(
-            lambda: len(front_ends(replica)) == 2 and first not in front_ends(replica),
+            lambda: first not in front_ends(replica) and every_front_end_listens(replica),
             30,
             "a new front end",
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -98,7 +99,7 @@ def test_the_description_and_readiness_survive_the_trip() -> None:
         not_ready=(Unavailable("other", None, "no graph"),),
         replica_not_ready=None,
     )
-    message = wire.unpack(wire.pack({"description": wire.description_of(described)})[4:])
+    message = wire.unpack(wire.pack({"description": wire.description_of(described)}))
     assert wire.description_from(message["description"]) == described
     ready = Readiness(False, "loading", loaded=False)
     assert wire.readiness_from(wire.readiness_of(ready)) == ready
@@ -106,11 +107,77 @@ def test_the_description_and_readiness_survive_the_trip() -> None:
     assert wire.rollout_from(wire.rollout_of(params)) == params
 
 
-def test_frames_are_read_back_whole() -> None:
-    async def trip() -> list[object]:
-        reader = asyncio.StreamReader()
-        reader.feed_data(wire.pack({"op": "a", "n": 1}) + wire.pack({"op": "b", "data": b"\0" * 9}))
-        reader.feed_eof()
-        return [await wire.read(reader), await wire.read(reader), await wire.read(reader)]
+class _Transport(asyncio.Transport):
+    """What a Link writes, and whether it was aborted."""
 
-    assert asyncio.run(trip()) == [{"op": "a", "n": 1}, {"op": "b", "data": b"\0" * 9}, None]
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.aborted = False
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def _link() -> tuple[wire.Link, _Transport, list[dict[str, object]], list[object]]:
+    received: list[dict[str, object]] = []
+    lost: list[object] = []
+    link = wire.Link(received.append, lost.append)
+    transport = _Transport()
+    link.connection_made(transport)
+    return link, transport, received, lost
+
+
+def test_messages_are_read_back_whole_however_the_stream_is_cut() -> None:
+    link, transport, received, _ = _link()
+    stream = wire.pack({"op": "a", "n": 1}) + wire.pack({"op": "b", "data": b"\0" * 9})
+    for i in range(len(stream)):  # one byte a read: every cut inside a message
+        link.data_received(stream[i : i + 1])
+    link.data_received(stream)  # and both in one read
+    assert received == [{"op": "a", "n": 1}, {"op": "b", "data": b"\0" * 9}] * 2
+    assert not transport.aborted
+
+
+def test_what_is_sent_in_one_turn_leaves_in_one_write() -> None:
+    async def turn() -> list[bytes]:
+        link, transport, _, _ = _link()
+        for n in range(3):
+            link.send({"id": n, "ok": True})
+        assert transport.writes == []  # not yet: at the start of the next turn
+        await asyncio.sleep(0)
+        link.send({"id": 3, "ok": True})
+        await asyncio.sleep(0)
+        return transport.writes
+
+    first, second = asyncio.run(turn())
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(first)
+    assert list(unpacker) == [{"id": n, "ok": True} for n in range(3)]
+    assert wire.unpack(second) == {"id": 3, "ok": True}
+
+
+@pytest.mark.parametrize("data", [msgpack.packb([1, 2]), b"\xc1", b"\x81\xc1"])
+def test_a_stream_that_is_not_messages_drops_the_link(data: bytes) -> None:
+    link, transport, received, _ = _link()
+    link.data_received(wire.pack({"op": "a"}) + data + wire.pack({"op": "b"}))
+    assert transport.aborted
+    assert received[:1] == [{"op": "a"}]
+    assert {"op": "b"} not in received
+
+
+def test_a_message_over_the_limit_drops_the_link(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "MAX_MESSAGE_BYTES", 1024)
+    link, transport, received, _ = _link()
+    link.data_received(wire.pack({"op": "big", "data": b"\0" * 4096}))
+    assert transport.aborted
+    assert received == []
