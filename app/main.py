@@ -87,7 +87,9 @@ def create_app(
         # The Open Inference Protocol over gRPC, in this event loop, when a port is set.
         grpc_door = None
         if settings.grpc_port is not None:
-            grpc_door = GrpcFrontDoor(service, settings, metrics, lifecycle)
+            grpc_door = GrpcFrontDoor(
+                service, settings, metrics, lifecycle, shared_port=engine_address is not None
+            )
             app.state.grpc_port = await grpc_door.start()
         described = engine.describe()
         log.info(

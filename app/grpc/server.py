@@ -349,9 +349,17 @@ class GrpcFrontDoor:
     """The gRPC server: started after the service, stopped before it (app/main.py's lifespan)."""
 
     def __init__(
-        self, service: ClassifyService, settings: Settings, metrics: Metrics, lifecycle: Lifecycle
+        self,
+        service: ClassifyService,
+        settings: Settings,
+        metrics: Metrics,
+        lifecycle: Lifecycle,
+        shared_port: bool = False,
     ) -> None:
+        """`shared_port`: one of several front-end processes on the same port (SO_REUSEPORT,
+        as their HTTP listeners: the kernel spreads the connections over them)."""
         self.settings = settings
+        self.shared_port = shared_port
         self.servicer = InferenceServicer(service, settings, metrics, lifecycle)
         self.server: grpc.aio.Server | None = None
 
@@ -360,8 +368,8 @@ class GrpcFrontDoor:
         settings = self.settings
         server = grpc.aio.server(
             options=[
-                # A second server on the same port is an error, not half of the traffic.
-                ("grpc.so_reuseport", 0),
+                # Alone, a second server on the same port is an error, not half of the traffic.
+                ("grpc.so_reuseport", 1 if self.shared_port else 0),
                 # Requests as large as an HTTP body may be (images as BYTES).
                 ("grpc.max_receive_message_length", settings.upload_max_bytes + 64 * 1024),
                 ("grpc.max_send_message_length", -1),

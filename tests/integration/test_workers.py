@@ -70,7 +70,9 @@ def listening(pid: int, port: int) -> bool:
                 inodes.add(target[8:-1])
     except OSError:
         return False
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]  # gRPC's: v4-mapped IPv6
+    lines = [line for t in tables if t.exists() for line in t.read_text().splitlines()[1:]]
+    for line in lines:
         fields = line.split()
         port_of = int(fields[1].rsplit(":", 1)[1], 16)
         if fields[3] == "0A" and port_of == port and fields[9] in inodes:
@@ -222,6 +224,8 @@ def test_a_deadline_or_a_client_gone_cancels_the_job_in_the_engine(tmp_path: Pat
         "warmup": "false",
     }
     with served(tiny(tmp_path), tmp_path, **settings) as replica:
+        # Every front end serves the gRPC door too, on the same port.
+        assert all(listening(p, grpc_port) for p in front_ends(replica))
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             running = pool.submit(classify, replica.url)
             time.sleep(0.8)  # the first batch is running: the next waits in the queue
