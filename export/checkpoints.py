@@ -75,7 +75,7 @@ class LoadedViT:
 class SourceGate:
     """The source library's forward as the export's gate sees it: on the graph's own input."""
 
-    library: str  # for messages: "timm", "transformers", ...
+    library: str  # LoadedViT.framework, for messages: "timm", "huggingface", "torchvision"
     logits: PatchLogits
     any_grid: bool
 
