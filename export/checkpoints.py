@@ -16,8 +16,10 @@ sources (LayerNorm eps, pooling, how position embeddings are resampled to anothe
 tensor of a source must be used by the mapping (`SourceTensors`), and every module the mapping
 cannot express (layer scale, register tokens, qk-norm, another activation, ...) is refused with
 the reason, so an import either computes what the source computes or fails. Where the source
-library is installed, `LoadedViT.reference` runs the source's own forward, and the CLI checks
-the mapping against it before exporting (`source_parity`).
+library is installed, `LoadedViT.reference` runs the source's own forward, and the export
+compares its graph with it before writing anything (`source_gate`, then
+`export.onnx_export.check_source_parity`): at every parity grid where the source resamples its
+own position embeddings (timm built with `dynamic_img_size=True`), else at the native grid.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 
 from app.models.spec import Interpolation, Preprocess
-from export.vit import VisionTransformer, ViTConfig, patchify
+from export.vit import VisionTransformer, ViTConfig, patchify, unpatchify
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 Triple = tuple[float, float, float]
 # (B, 3, H, W) float images, normalised as the source expects -> (B, num_classes) logits.
 Reference = Callable[[Tensor], Tensor]
+# uint8 patches (B, grid_h, grid_w, P*P*C), the graph's input -> (B, num_classes) logits.
+PatchLogits = Callable[[Tensor], Tensor]
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -59,8 +63,46 @@ class LoadedViT:
     source: str  # notes for model.json: what was loaded and how it is resampled
     framework: str = "vit-serve"
     checkpoint: str = ""
-    # The source library's own forward at the native size, when the library is installed.
+    # The source library's own forward, when the library is installed.
     reference: Reference | None = None
+    # Whether `reference` takes other grids than the native one, resampling its position
+    # embeddings itself (timm built with dynamic_img_size=True); if not, it is compared at the
+    # native grid only, as it cannot run elsewhere.
+    reference_any_grid: bool = False
+
+
+@dataclass(frozen=True)
+class SourceGate:
+    """The source library's forward as the export's gate sees it: on the graph's own input."""
+
+    library: str  # LoadedViT.framework, for messages: "timm", "huggingface", "torchvision"
+    logits: PatchLogits
+    any_grid: bool
+
+    def grids(self, grids: list[tuple[int, int]], native: tuple[int, int]) -> list[tuple[int, int]]:
+        """The grids of `grids` this source can be compared at."""
+        return list(grids) if self.any_grid else [native]
+
+
+def source_gate(loaded: LoadedViT) -> SourceGate | None:
+    """`loaded.reference` fed the pixels of the graph's uint8 patches; None without one.
+
+    The patches are put back into images and normalised in float as the source expects (the
+    graph folds the normalisation into its weights; the source never sees our patch order).
+    """
+    reference = loaded.reference
+    if reference is None:
+        return None
+    cfg = loaded.model.cfg
+    mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
+
+    def logits(patches: Tensor) -> Tensor:
+        images = unpatchify(patches, cfg.patch_size).to(torch.float32)  # (B, H, W, 3)
+        pixels = ((images / 255.0 - mean) / std).permute(0, 3, 1, 2)  # (B, 3, H, W)
+        with torch.no_grad():
+            return reference(pixels)
+
+    return SourceGate(loaded.framework, logits, loaded.reference_any_grid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,23 +297,23 @@ def block_keys(i: int) -> dict[str, str]:
 
 
 def source_parity(loaded: LoadedViT, batch: int = 2, seed: int = 0) -> float | None:
-    """Max |logits| difference between the mapped model and the source's own forward.
+    """Max |logits| difference between the mapped PyTorch model and the source's own forward
+    at the native size; None when the source library is not installed.
 
-    Random uint8 images at the native size: the source normalises in float, our model through
-    its (unfolded) patch embedding. None when the source library is not installed.
+    A check of the mapping alone, without ONNX (the loaders' tests use it); the export's gate
+    compares the graph itself (export.onnx_export.check_source_parity).
     """
-    if loaded.reference is None:
+    gate = source_gate(loaded)
+    if gate is None:
         return None
     cfg = loaded.model.cfg
     H, W = cfg.grid[0] * cfg.patch_size, cfg.grid[1] * cfg.patch_size
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, H, W, 3), dtype=torch.uint8, generator=gen)
-    mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
-    pixels = ((images.float() / 255.0 - mean) / std).permute(0, 3, 1, 2)  # (B, 3, H, W)
+    patches = patchify(images, cfg.patch_size)
     with torch.no_grad():
-        ours = loaded.model(patchify(images, cfg.patch_size))
-        theirs = loaded.reference(pixels)
-    return float((ours - theirs).abs().max())
+        ours = loaded.model(patches)
+    return float((ours - gate.logits(patches)).abs().max())
 
 
 def class_labels(count: int) -> list[str]:

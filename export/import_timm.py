@@ -7,6 +7,12 @@ refused. Preprocessing and labels come from timm's data config for the model
 (`resolve_data_config`: input size, crop_pct, crop_mode, interpolation, mean/std) and its
 ImageNet class names. Other grids resample position embeddings as timm's
 `resample_abs_pos_embed` does: bicubic with antialias (`export.vit.antialiased_bicubic_weights`).
+
+The model is built with `dynamic_img_size=True` (unless `model_args` says otherwise), so that
+timm's own forward, the export's reference, takes every grid: timm then resamples its position
+embeddings for the input's grid itself (`VisionTransformer._pos_embed`), for a hybrid's
+`HybridEmbed` feature map as for pixel patches, and the export compares its graph with timm at
+all of its parity grids, not with our reimplementation of the resampling.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ def load_timm(
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     args = dict(model_args or {})
+    # timm's forward at any grid (it resamples its own position embeddings): the gate's
+    # reference at every parity grid. The weights and the mapping are the same either way.
+    args.setdefault("dynamic_img_size", True)
     if weights is None:
         model = timm.create_model(name, pretrained=pretrained, **args)
         # The weights' full name, e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k.
@@ -150,6 +159,8 @@ def from_timm_model(model: Any, checkpoint: str = "") -> LoadedViT:
     """Map a timm `VisionTransformer` module (any weights) into the reference model.
 
     Hybrids (a `HybridEmbed` over a ResNetV2, paper §3.1) map into export.hybrid.HybridViT.
+    The model's forward is the reference at every grid if it was built with
+    `dynamic_img_size=True`, else at its native grid only.
     """
     what = f"timm {getattr(model, 'default_cfg', {}).get('architecture', type(model).__name__)}"
     if type(model).__name__ != "VisionTransformer":
@@ -326,4 +337,8 @@ def _map_timm(model: Any, what: str, checkpoint: str, hybrid: bool) -> LoadedViT
         framework="timm",
         checkpoint=checkpoint,
         reference=reference,
+        # Without dynamic_img_size timm's forward fails at any grid but the native one (the
+        # patch embedding asserts the size; a hybrid's unresampled position embeddings do not
+        # add to another number of tokens).
+        reference_any_grid=bool(getattr(model, "dynamic_img_size", False)),
     )

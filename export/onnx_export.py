@@ -2,7 +2,10 @@
 
 The graph takes `patches` uint8 (batch, grid_h, grid_w, P*P*C) and returns `logits`; it reads
 the grid from its input's shape. Nothing is written to the model repository until ONNX Runtime
-agrees with PyTorch at the native grid and at smaller, larger and non-square grids.
+agrees with PyTorch at the native grid and at smaller, larger and non-square grids, and, for an
+imported model whose library is installed, with that library's own forward (`SourceGate`: timm
+at the same four grids, its position embeddings resampled by timm; a source that runs only at
+its native size, there), both within the same bound.
 
 `optimize` picks the form of model.onnx (export/optimize.py): `none` (as traced), `fused`
 (fused attention, LayerNormalization and BiasGelu, and a last block that computes only the
@@ -44,6 +47,7 @@ from app.models.spec import (
     contract_tensors,
     rollout_contract,
 )
+from export.checkpoints import PatchLogits, SourceGate
 from export.fused_attention import CONTRIB_DOMAIN, CONTRIB_OPSET, FusedAttention
 from export.hybrid import backbone_record
 from export.introspection import (
@@ -80,6 +84,10 @@ DEFAULT_OPTIMIZATION: OptimizationLevel = "fused"
 class ParityError(RuntimeError):
     """ONNX Runtime and PyTorch disagree (or fp16 and fp32 do): the graph is not written."""
 
+    def __init__(self, message: str, report: ParityReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report  # the figures per grid, where a ParityReport failed
+
 
 @dataclass
 class ParityReport:
@@ -93,6 +101,10 @@ class ParityReport:
     @property
     def passed(self) -> bool:
         return self.worst <= self.atol
+
+    @property
+    def worst_grid(self) -> str:
+        return max(self.max_abs_diff, key=lambda grid: self.max_abs_diff[grid])
 
 
 def parity_grids(native: tuple[int, int]) -> list[tuple[int, int]]:
@@ -133,6 +145,31 @@ def export_graph(model: VisionTransformer, path: Path, opset: int = OPSET) -> No
         )
 
 
+def compare_logits(
+    graph: Path,
+    expected: PatchLogits,
+    grids: list[tuple[int, int]],
+    patch_dim: int,
+    atol: float = PARITY_ATOL,
+    batch: int = 2,
+    seed: int = 0,
+) -> ParityReport:
+    """Max |expected(patches) - logits_onnx| per grid on random uint8 patches: the one
+    comparison behind both gates, PyTorch's and the source library's (the same inputs for
+    both, as they draw from the same seed)."""
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(seed)
+    report = ParityReport(atol=atol)
+    for gh, gw in grids:
+        shape = (batch, gh, gw, patch_dim)
+        patches = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        with torch.no_grad():
+            want = expected(patches).numpy()
+        (got,) = session.run(["logits"], {"patches": patches.numpy()})
+        report.max_abs_diff[f"{gh}x{gw}"] = float(np.abs(want - got).max())
+    return report
+
+
 def check_parity(
     model: VisionTransformer,
     graph: Path,
@@ -142,18 +179,23 @@ def check_parity(
     seed: int = 0,
 ) -> ParityReport:
     """Max |logits_torch - logits_onnx| per grid on random uint8 patches."""
-    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    gen = torch.Generator().manual_seed(seed)
-    report = ParityReport(atol=atol)
-    for gh, gw in grids:
-        patches = torch.randint(
-            0, 256, (batch, gh, gw, model.cfg.patch_dim), dtype=torch.uint8, generator=gen
-        )
-        with torch.no_grad():
-            expected = model(patches).numpy()
-        (got,) = session.run(["logits"], {"patches": patches.numpy()})
-        report.max_abs_diff[f"{gh}x{gw}"] = float(np.abs(expected - got).max())
-    return report
+    return compare_logits(graph, model, grids, model.cfg.patch_dim, atol, batch, seed)
+
+
+def check_source_parity(
+    graph: Path,
+    source: SourceGate,
+    cfg: ViTConfig,
+    grids: list[tuple[int, int]],
+    atol: float = PARITY_ATOL,
+    batch: int = 2,
+    seed: int = 0,
+) -> ParityReport:
+    """Max |logits_source - logits_onnx| per grid: the graph against the source library's own
+    forward (timm's, resampling its position embeddings itself), at those of `grids` the
+    source runs at (`SourceGate.grids`)."""
+    at = source.grids(grids, cfg.grid)
+    return compare_logits(graph, source.logits, at, cfg.patch_dim, atol, batch, seed)
 
 
 def export_rollout_graph(model: VisionTransformer, path: Path, opset: int = OPSET) -> None:
@@ -268,16 +310,43 @@ class StagedGraph:
     parity: ParityReport  # the fp32 graph (fused when optimised) against PyTorch
     optimization: GraphOptimization
     fp16: Fp16Report | None = None
+    # The same fp32 graph against the source library's own forward, where it was given one.
+    source_parity: ParityReport | None = None
 
 
-def _log_and_check(what: str, report: ParityReport) -> None:
+def _log_and_check(what: str, report: ParityReport, against: str = "PyTorch") -> None:
     for grid, diff in report.max_abs_diff.items():
-        log.info("%s parity at grid %s: max |diff| %.2e", what, grid, diff)
+        log.info("%s parity with %s at grid %s: max |diff| %.2e", what, against, grid, diff)
     if not report.passed:
+        grid = report.worst_grid
+        every = ", ".join(f"{g}: {d:.2e}" for g, d in report.max_abs_diff.items())
         raise ParityError(
-            f"ONNX Runtime {what} differ from PyTorch by {report.worst:.2e} > "
-            f"{report.atol:.0e} ({report.max_abs_diff}); nothing written"
+            f"ONNX Runtime {what} differ from {against} at grid {grid}: max |diff| "
+            f"{report.max_abs_diff[grid]:.2e} > {report.atol:.0e} (per grid: {every}); "
+            "nothing written",
+            report,
         )
+
+
+def _check_source(
+    graph: Path,
+    source: SourceGate | None,
+    cfg: ViTConfig,
+    grids: list[tuple[int, int]],
+    atol: float,
+) -> ParityReport | None:
+    """The fp32 graph against the source library's forward; ParityError if it differs."""
+    if source is None:
+        return None
+    if not source.any_grid:
+        log.warning(
+            "%s's forward runs at the native grid only: the graph is compared with it there "
+            "(and with PyTorch at every parity grid)",
+            source.library,
+        )
+    report = check_source_parity(graph, source, cfg, grids, atol)
+    _log_and_check("logits", report, f"{source.library}'s own forward")
+    return report
 
 
 def stage_graph(
@@ -288,8 +357,13 @@ def stage_graph(
     atol: float = PARITY_ATOL,
     held_out: HeldOut | None = None,
     gate: Gate | None = None,
+    reference: SourceGate | None = None,
 ) -> StagedGraph:
     """Export model.onnx as `level` asks into `staging` and check it; ParityError if it fails.
+
+    With `reference` the fp32 graph must also meet `atol` against the source library's forward
+    (at `grids` where the source takes them, else at the native grid) before any lower
+    precision is made from it: the fp16 and int8 forms are gated against that graph.
 
     `int8` quantises the fused graph and needs `held_out` inputs for its accuracy `gate`
     (export/quantize.py; Int8GateError if it fails).
@@ -310,19 +384,22 @@ def stage_graph(
         export_graph(folded, traced)
         parity = check_parity(model, traced, grids, atol=atol)
         _log_and_check("logits", parity)
-        return StagedGraph(traced, parity, GraphOptimization(max_abs_diff=parity.worst))
+        versus = _check_source(traced, reference, model.cfg, grids, atol)
+        done = GraphOptimization(max_abs_diff=parity.worst)
+        return StagedGraph(traced, parity, done, source_parity=versus)
     module = fused_model(folded)
     export_graph(module, traced)
     fused = staging / "fused.onnx"
     counts = fuse(traced, fused, model.cfg)
     parity = check_parity(model, fused, grids, atol=atol)
     _log_and_check("fused logits", parity)
+    versus = _check_source(fused, reference, model.cfg, grids, atol)
     tail = has_class_token_tail(module)
     if level == "fused":
         done = GraphOptimization(
             level="fused", fused_ops=counts, class_token_tail=tail, max_abs_diff=parity.worst
         )
-        return StagedGraph(fused, parity, done)
+        return StagedGraph(fused, parity, done, source_parity=versus)
     if level == "int8":
         if held_out is None:
             raise ValueError("an int8 export needs held-out inputs for its accuracy gate")
@@ -337,7 +414,7 @@ def stage_graph(
             max_abs_diff=record.max_abs_logit_diff,
             int8=record,
         )
-        return StagedGraph(int8, parity, done)
+        return StagedGraph(int8, parity, done, source_parity=versus)
     half = staging / "fp16.onnx"
     to_fp16(fused, half)
     report = check_fp16(fused, half, grids, model.cfg.patch_dim)
@@ -359,7 +436,7 @@ def stage_graph(
     done = GraphOptimization(
         level="fp16", fused_ops=fused_op_counts(half), class_token_tail=tail, max_abs_diff=worst
     )
-    return StagedGraph(half, parity, done, report)
+    return StagedGraph(half, parity, done, report, versus)
 
 
 @dataclass
@@ -371,6 +448,7 @@ class ExportResult:
     rollout_parity: ParityReport
     optimization: GraphOptimization
     fp16: Fp16Report | None = None
+    source_parity: ParityReport | None = None  # model.onnx's fp32 form against the source's
 
 
 def export_to_repository(
@@ -386,10 +464,13 @@ def export_to_repository(
     held_out: HeldOut | None = None,
     gate: Gate | None = None,
     introspection_held_out: HeldOut | None = None,
+    reference: SourceGate | None = None,
 ) -> ExportResult:
     """Export, check parity at several grids, then write `<repo>/<name>/{model.json,<v>/...}`.
 
-    Raises ParityError (and writes nothing) when a graph disagrees with PyTorch.
+    Raises ParityError (and writes nothing) when a graph disagrees with PyTorch, or model.onnx's
+    fp32 form with `reference`, the forward of the library the weights came from
+    (export.checkpoints.source_gate).
     """
     spec_path = repo / name / SPEC_FILENAME
     versions: dict[int, GraphFiles] = {}
@@ -401,7 +482,7 @@ def export_to_repository(
     with tempfile.TemporaryDirectory() as tmp:
         staged_rollout = Path(tmp) / ROLLOUT_GRAPH_FILENAME
         grids = parity_grids(model.cfg.grid)
-        staged = stage_graph(model, Path(tmp), optimize, grids, atol, held_out, gate)
+        staged = stage_graph(model, Path(tmp), optimize, grids, atol, held_out, gate, reference)
         export_rollout_graph(model.folded(), staged_rollout)
         rollout_parity = check_rollout_parity(model, staged_rollout, grids)
         _log_and_check("rollout", rollout_parity)
@@ -442,4 +523,5 @@ def export_to_repository(
         rollout_parity=rollout_parity,
         optimization=staged.optimization,
         fp16=staged.fp16,
+        source_parity=staged.source_parity,
     )

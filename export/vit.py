@@ -307,5 +307,13 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     return x.reshape(B, H // P, W // P, P * P * C)
 
 
+def unpatchify(patches: Tensor, patch_size: int) -> Tensor:
+    """`patchify`'s inverse: (B, gh, gw, P*P*C) patch vectors -> (B, gh*P, gw*P, C) images."""
+    B, gh, gw, _ = patches.shape
+    P = patch_size
+    x = patches.reshape(B, gh, gw, P, P, -1).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, gh * P, gw * P, -1)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -11,6 +11,7 @@ non-square grids. Nothing is downloaded. Tests skip when their library is not in
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -198,20 +199,43 @@ def test_cli_refuses_an_unsupported_timm_model_and_writes_nothing(tmp_path: Path
     assert rc == 1 and not repo.exists()
 
 
-def test_cli_writes_nothing_when_the_mapping_disagrees_with_the_library(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_cli_writes_nothing_when_the_graph_disagrees_with_the_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     pytest.importorskip("timm")
+    import dataclasses
+    import logging
+
     import export.__main__ as cli
 
     kwargs = {**SMALL, "patch_size": 8, "img_size": 32, "num_classes": 10}
     weights = save_state_dict(timm_vit(seed=6, **kwargs), tmp_path / "w.pth")
-    monkeypatch.setattr(cli, "source_parity", lambda loaded: 0.5)
+
+    def off_by_half(args: Any) -> LoadedViT:
+        # timm's forward shifted by 0.5: the graph still matches PyTorch, only the gate
+        # against the library can see it.
+        loaded = load_timm(args.timm, args.pretrained, args.weights, args.timm_args)
+        timm_forward = loaded.reference
+        assert timm_forward is not None and loaded.reference_any_grid
+
+        def shifted(pixels: torch.Tensor) -> torch.Tensor:
+            return timm_forward(pixels) + 0.5
+
+        return dataclasses.replace(loaded, reference=shifted)
+
+    monkeypatch.setattr(cli, "load", off_by_half)
     argv = ["--timm", "vit_tiny_patch16_224", "--weights", str(weights)]
     argv += ["--timm-args", json.dumps({**SMALL, "patch_size": 8})]
     repo = tmp_path / "repo"
-    assert main([*argv, "--name", "off", "--repo", str(repo)]) == 1
+    with caplog.at_level(logging.ERROR):
+        assert main([*argv, "--name", "off", "--repo", str(repo), "--optimize", "none"]) == 1
     assert not repo.exists()
+    pattern = (
+        r"ONNX Runtime logits differ from timm's own forward at grid (4x4|2x2|6x6|2x7): "
+        r"max \|diff\| 5\.00e-01 > 1e-04 \(per grid: 4x4: 5\.00e-01, 2x2: 5\.00e-01, "
+        r"6x6: 5\.00e-01, 2x7: 5\.00e-01\); nothing written"
+    )
+    assert re.fullmatch(pattern, caplog.records[-1].getMessage())
 
 
 # ---------------------------------------------------------------------------------------------

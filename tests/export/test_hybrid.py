@@ -1,11 +1,18 @@
 """Hybrid ViTs (paper §3.1): timm's ResNetV2 + HybridEmbed mapped and exported, parity with timm.
 
 A small hybrid built from timm's own classes (ResNetV2 with two stages, two transformer blocks)
-keeps the export fast; timm's named hybrids are checked in PyTorch at their own sizes.
+keeps the export fast; timm's named hybrids are checked in PyTorch at their own sizes, and one
+goes through `python -m export --timm` at a small size. The export's own gate compares the
+graph with timm's forward (built with dynamic_img_size, so timm resamples its own position
+embeddings) at the four parity grids before writing; the tests prove it fails where the graph's
+resampling is not timm's, and compare with timm at six other grids after the fact.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,14 +27,21 @@ from timm.layers.hybrid_embed import HybridEmbed
 from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
+import export.vit
 from app.models.grids import fit_grid
 from app.models.spec import INTROSPECTION_FILENAME, SPEC_FILENAME, ModelSpec
 from app.pipeline.preprocess import prepare
-from export.checkpoints import UnsupportedCheckpointError, load_checkpoint, save_checkpoint
+from export.__main__ import main
+from export.checkpoints import (
+    UnsupportedCheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    source_gate,
+)
 from export.hybrid import HybridViT
 from export.import_timm import from_timm_model
 from export.introspection import filter_components
-from export.onnx_export import export_to_repository
+from export.onnx_export import ExportResult, ParityError, export_to_repository
 from export.vit import patchify
 from tests.images import encode
 
@@ -85,19 +99,20 @@ def _timm_logits(model: Any, images: torch.Tensor) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, ExportResult]:
     timm_model = small_timm_hybrid()
     loaded = from_timm_model(timm_model, checkpoint="small hybrid (random init)")
     repo = tmp_path_factory.mktemp("hybrid-repo")
-    export_to_repository(
+    result = export_to_repository(
         loaded.model,
         repo=repo,
         name="hybrid",
         labels=loaded.labels,
         preprocess=loaded.preprocess,
         source=_source(loaded),
+        reference=source_gate(loaded),
     )
-    return timm_model, repo
+    return timm_model, repo, result
 
 
 def _source(loaded: Any) -> Any:
@@ -106,8 +121,83 @@ def _source(loaded: Any) -> Any:
     return Source(framework="timm", checkpoint=loaded.checkpoint, notes=loaded.source)
 
 
-def test_the_hybrid_graph_matches_timm_at_odd_grids(exported: tuple[Any, Path]) -> None:
-    timm_model, repo = exported
+def test_the_export_gates_the_graph_against_timm_at_four_grids(
+    exported: tuple[Any, Path, ExportResult],
+) -> None:
+    _, _, result = exported
+    versus = result.source_parity
+    assert versus is not None and versus.atol == 1e-4
+    # Native, smaller, larger, non-square, in units of the backbone's stride (8 px).
+    assert list(versus.max_abs_diff) == ["8x8", "5x5", "12x12", "6x11"]
+    # Two implementations rounding differently: never exactly equal, always within the bound.
+    assert all(0 < diff <= 1e-4 for diff in versus.max_abs_diff.values()), versus.max_abs_diff
+    # The same inputs as the gate against PyTorch (one seed), at the same grids.
+    assert list(result.parity.max_abs_diff) == list(versus.max_abs_diff)
+
+
+def test_the_gate_fails_where_the_graphs_resampling_is_not_timms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Plain bicubic where timm's is antialiased (another kernel, a = -0.75 not -0.5): the
+    # identity at the native grid, a different resampling at every other. The PyTorch
+    # reference and its graph share the mistake, so only the comparison with timm sees it.
+    resample = export.vit.resample_grid
+
+    def not_antialiased(
+        pos: torch.Tensor, size: tuple[int, int], align_corners: bool, antialias: bool = False
+    ) -> torch.Tensor:
+        return resample(pos, size, align_corners, False)
+
+    monkeypatch.setattr(export.vit, "resample_grid", not_antialiased)
+    loaded = from_timm_model(small_timm_hybrid())
+    repo = tmp_path / "repo"
+    with pytest.raises(ParityError) as failed:
+        export_to_repository(
+            loaded.model,
+            repo=repo,
+            name="hybrid",
+            labels=loaded.labels,
+            preprocess=loaded.preprocess,
+            source=_source(loaded),
+            optimize="none",
+            reference=source_gate(loaded),
+        )
+    report = failed.value.report
+    assert report is not None and list(report.max_abs_diff) == ["8x8", "5x5", "12x12", "6x11"]
+    diffs = report.max_abs_diff
+    assert diffs["8x8"] <= 1e-4, diffs
+    assert all(diffs[grid] > 1e-4 for grid in ("5x5", "12x12", "6x11")), diffs
+    worst = max(diffs, key=lambda grid: diffs[grid])
+    every = ", ".join(f"{grid}: {diff:.2e}" for grid, diff in diffs.items())
+    assert str(failed.value) == (
+        f"ONNX Runtime logits differ from timm's own forward at grid {worst}: max |diff| "
+        f"{diffs[worst]:.2e} > 1e-04 (per grid: {every}); nothing written"
+    )
+    assert not repo.exists()
+
+
+def test_the_cli_gates_a_named_timm_hybrid_at_four_grids(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # vit_tiny_r_s16_p8_224's recipe (the ResNetV2 stem, 8x8 cells: P = 32) at a test size.
+    timm_args = dict(img_size=128, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    argv = ["--timm", "vit_tiny_r_s16_p8_224", "--timm-args", json.dumps(timm_args)]
+    argv += ["--name", "hybrid", "--repo", str(tmp_path), "--optimize", "none"]
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    gate = r"logits parity with timm's own forward at grid (\d+x\d+): max \|diff\| (\S+)"
+    figures = {m[1]: float(m[2]) for line in lines if (m := re.fullmatch(gate, line))}
+    assert list(figures) == ["4x4", "2x2", "6x6", "2x7"], lines
+    assert all(diff <= 1e-4 for diff in figures.values()), figures
+    assert not any("native grid only" in line for line in lines)
+    assert ModelSpec.load(tmp_path / "hybrid" / SPEC_FILENAME).architecture.patch_size == 32
+
+
+def test_the_hybrid_graph_matches_timm_at_odd_grids(
+    exported: tuple[Any, Path, ExportResult],
+) -> None:
+    timm_model, repo, _ = exported
     spec = ModelSpec.load(repo / "hybrid" / SPEC_FILENAME)
     assert spec.architecture.patch_size == 8 and spec.architecture.grid == (8, 8)
     assert spec.inputs[0].shape == ["batch", "grid_h", "grid_w", 8 * 8 * 3]
@@ -120,8 +210,10 @@ def test_the_hybrid_graph_matches_timm_at_odd_grids(exported: tuple[Any, Path]) 
         assert np.abs(got - want).max() <= 1e-4, (gh, gw)
 
 
-def test_the_hybrid_rollout_graph_serves_its_feature_grid(exported: tuple[Any, Path]) -> None:
-    _, repo = exported
+def test_the_hybrid_rollout_graph_serves_its_feature_grid(
+    exported: tuple[Any, Path, ExportResult],
+) -> None:
+    _, repo, _ = exported
     session = ort.InferenceSession(str(repo / "hybrid" / "1" / "model.rollout.onnx"))
     patches = np.random.default_rng(0).integers(0, 256, (1, 5, 7, 192), dtype=np.uint8)
     feeds = {
@@ -137,8 +229,8 @@ def test_the_hybrid_rollout_graph_serves_its_feature_grid(exported: tuple[Any, P
     assert pos.shape == (5, 7, 32)
 
 
-def test_model_json_records_the_backbone(exported: tuple[Any, Path]) -> None:
-    _, repo = exported
+def test_model_json_records_the_backbone(exported: tuple[Any, Path, ExportResult]) -> None:
+    _, repo, _ = exported
     spec = ModelSpec.load(repo / "hybrid" / SPEC_FILENAME)
     backbone = spec.architecture.backbone
     assert backbone is not None
@@ -205,8 +297,10 @@ def test_a_hybrids_filter_components_are_over_its_feature_channels() -> None:
     assert "no pixel filters" in fc.shown
 
 
-def test_fit_grids_are_whole_cells_of_the_stride(exported: tuple[Any, Path]) -> None:
-    _, repo = exported
+def test_fit_grids_are_whole_cells_of_the_stride(
+    exported: tuple[Any, Path, ExportResult],
+) -> None:
+    _, repo, _ = exported
     spec = ModelSpec.load(repo / "hybrid" / SPEC_FILENAME)
     from PIL import Image
 
