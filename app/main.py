@@ -28,7 +28,8 @@ from app.http.routes import classify_route, router
 from app.http.v2.rest import router as v2_router
 from app.pipeline.preprocess import configure_pillow
 from app.pipeline.service import ClassifyService
-from app.runtime.devicedecode import DeviceDecoder, open_decoder
+from app.runtime.decodemode import open_decoder
+from app.runtime.devicedecode import DeviceDecoder
 from app.runtime.sessions import BackendFactory, RolloutBackendFactory
 
 log = logging.getLogger(__name__)

@@ -9,26 +9,19 @@ the patches of those it decoded, `[A, grid_h, grid_w, P*P*C]` uint8 ready for th
 the host), and a reason for each image it refused; a refused image is decoded on the CPU
 path instead, which gives a broken file its 400.
 
-`open_decoder` resolves VIT_SERVE_DECODE: `cpu` none; `gpu` the real decoder or a start
-error saying why not; `auto` the real decoder where its libraries load and a GPU serves.
+Which decoder serves, VIT_SERVE_DECODE, is app/runtime/decodemode.py's.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from app.models.spec import Interpolation
-from app.runtime.providers import GPU_PROVIDERS
-
-log = logging.getLogger(__name__)
-
-DecodeMode = Literal["cpu", "gpu", "auto"]
 
 
 @dataclass(frozen=True)
@@ -82,44 +75,3 @@ class DeviceDecoder(Protocol):
     def decode(self, images: Sequence[EncodedImage]) -> DecodedBatch:
         """One batch, all of one grid; runs in the engine's inference thread."""
         ...
-
-
-class DecodeUnavailableError(RuntimeError):
-    """VIT_SERVE_DECODE=gpu, and the device path cannot run here: why."""
-
-
-def unavailable_reason() -> str | None:
-    """Why the GPU decoder cannot run in this process, or None when it can (its libraries
-    import and find a device)."""
-    from app.runtime import nvdecode  # lazily: its libraries load only where asked for
-
-    return nvdecode.problem()
-
-
-def open_decoder(mode: DecodeMode, gpu_served: bool) -> tuple[DeviceDecoder | None, str]:
-    """The decoder VIT_SERVE_DECODE asks for, and why (or why none), for the engine.
-
-    `gpu_served`: some model version's sessions run on CUDA or TensorRT here.
-    """
-    if mode == "cpu":
-        return None, "VIT_SERVE_DECODE=cpu"
-    problem = None if gpu_served else "no model version runs on a GPU (CUDA or TensorRT)"
-    if problem is None:
-        problem = unavailable_reason()
-    if problem is not None:
-        if mode == "gpu":
-            raise DecodeUnavailableError(
-                f"VIT_SERVE_DECODE=gpu, but images cannot be decoded on the GPU: {problem}; "
-                "install the gpu extra's decoder wheels (nvidia-nvimgcodec-cu13, nvidia-nvjpeg, "
-                "cvcuda-cu13) and serve on CUDA or TensorRT, or set VIT_SERVE_DECODE=auto or cpu"
-            )
-        log.info("decoding on the CPU (VIT_SERVE_DECODE=auto): %s", problem)
-        return None, problem
-    from app.runtime import nvdecode
-
-    decoder = nvdecode.NvDecoder()
-    return decoder, f"VIT_SERVE_DECODE={mode}: {decoder.name}"
-
-
-def on_gpu(provider: str) -> bool:
-    return provider in GPU_PROVIDERS
