@@ -31,26 +31,33 @@ def _round_up(n: int) -> int:
 class Layout:
     """Where a request's tensors lie in its block, offsets from the block's start."""
 
-    grids: tuple[tuple[int, int], ...]  # (grid_h, grid_w) per image
+    grids: tuple[tuple[int, int], ...]  # (grid_h, grid_w) per image of patches
     patch_dim: int
     classes: int
     rollout: bool
+    # Byte lengths of the encoded images for the device decoder, after the patches; their
+    # outputs' rows follow the patches' rows.
+    encoded: tuple[int, ...] = ()
 
     @property
     def patch_bytes(self) -> list[int]:
         return [gh * gw * self.patch_dim for gh, gw in self.grids]
 
     @property
+    def images(self) -> int:
+        return len(self.grids) + len(self.encoded)
+
+    @property
     def logits_at(self) -> int:
-        return _align(sum(self.patch_bytes))
+        return _align(sum(self.patch_bytes) + sum(self.encoded))
 
     @property
     def probs_at(self) -> int:
-        return self.logits_at + _align(len(self.grids) * self.classes * 4)
+        return self.logits_at + _align(self.images * self.classes * 4)
 
     @property
     def rollout_at(self) -> int:
-        return self.probs_at + len(self.grids) * self.classes * 8
+        return self.probs_at + self.images * self.classes * 8
 
     @property
     def size(self) -> int:
@@ -133,12 +140,21 @@ class Arena:
             at += n
         return views  # type: ignore[return-value]
 
+    def encoded(self, block: int, layout: Layout) -> list[memoryview]:
+        """The encoded images' bytes, each a view of the block."""
+        views = []
+        at = block + sum(layout.patch_bytes)
+        for n in layout.encoded:
+            views.append(memoryview(self.map)[at : at + n])
+            at += n
+        return views
+
     def logits(self, block: int, layout: Layout) -> NDArray[np.float32]:
-        shape = (len(layout.grids), layout.classes)
+        shape = (layout.images, layout.classes)
         return self.array(block + layout.logits_at, shape, np.float32)  # type: ignore[return-value]
 
     def probs(self, block: int, layout: Layout) -> NDArray[np.float64]:
-        shape = (len(layout.grids), layout.classes)
+        shape = (layout.images, layout.classes)
         return self.array(block + layout.probs_at, shape, np.float64)  # type: ignore[return-value]
 
     def rollouts(self, block: int, layout: Layout) -> list[NDArray[np.float32]]:

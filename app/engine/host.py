@@ -24,6 +24,7 @@ import numpy as np
 import app.engine.wire as wire
 from app.core.errors import ServiceError
 from app.engine.arena import Arena, Layout
+from app.engine.batches import Refused
 from app.engine.engine import Engine, Job, Permit
 
 log = logging.getLogger(__name__)
@@ -216,12 +217,22 @@ class EngineHost:
                 patch_dim=int(message["patch_dim"]),
                 classes=int(message["classes"]),
                 rollout=message["rollout"] is not None,
+                encoded=tuple(int(n) for n in message.get("encoded_bytes", ())),
             )
             block = int(message["block"])
+            # The encoded images' bytes are copied out of the block: the decoder may hold
+            # them past a cancellation, when the front end frees the block.
+            encoded = [
+                wire.encoded_from(plan, bytes(data))
+                for plan, data in zip(
+                    message.get("encoded", ()), front.arena.encoded(block, layout), strict=True
+                )
+            ]
             job = Job(
                 front.arena.patches(block, layout),
                 wire.rollout_from(message["rollout"]),
                 float(message["deadline"]),
+                encoded,
             )
             result = await self.engine.infer(permit, job)
             logits = front.arena.logits(block, layout)
@@ -232,7 +243,14 @@ class EngineHost:
                 probs[i] = output.probs
                 if layout.rollout and output.rollout is not None:
                     maps[i][...] = output.rollout
-            front.send({"id": ident, "ok": True})
+            refused = []
+            for i, outcome in enumerate(result.decoded, start=len(result.outputs)):
+                if isinstance(outcome, Refused):
+                    refused.append([i, outcome.reason])
+                else:
+                    logits[i] = outcome.logits
+                    probs[i] = outcome.probs
+            front.send({"id": ident, "ok": True, "refused": refused})
         except asyncio.CancelledError:
             front.send({"id": ident, "error": {"type": "", "message": "cancelled"}})
         except ServiceError as exc:
