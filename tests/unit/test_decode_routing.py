@@ -13,7 +13,8 @@ from app.pipeline import jpeg
 from app.pipeline.preprocess import ImageTooLargeError, prepare
 from app.pipeline.routing import REASONS, DecodeRouter, Route
 from app.pipeline.workers import Upload
-from tests.images import encode, jpeg as make_jpeg, smooth
+from tests.images import encode, smooth
+from tests.images import jpeg as make_jpeg
 from tests.support import ODD_IMAGES, PHOTOS, make_spec, need_folder
 
 SPEC = make_spec()
