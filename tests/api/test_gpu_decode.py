@@ -153,3 +153,51 @@ async def test_the_shared_images_get_the_answers_they_get_today(tiny_repo: TinyR
     assert [k for _, k in answers["gpu"]] == [k for _, k in answers["cpu"]]
     assert counted(metrics, "gpu", "jpeg") >= 20  # the photos, at least
     assert len(decoder.seen) == counted(metrics, "gpu", "jpeg") + counted(metrics, "cpu", "refused")
+
+
+async def test_encoded_images_cross_to_an_engine_process_and_refusals_come_back(
+    tiny_repo: TinyRepo,
+) -> None:
+    """The engine's host and a front end's RemoteEngine over their Unix socket (one process
+    here): the bytes the decoder gets are the upload's, and a refusal comes back as one."""
+    import os
+    import time
+
+    from app.engine import EngineHost, Job, Refused, RemoteEngine
+    from app.main import load_engine
+    from app.pipeline.routing import DecodeRouter
+    from app.pipeline.workers import Upload
+
+    decoder = HostDecoder(lambda image: "no" if image.name == "'r.jpg'" else None)
+    settings = Settings(model_repo=tiny_repo.root)
+    engine = load_engine(settings, device_decoder=decoder)
+    host = EngineHost(engine)
+    address = f"@vit-serve-test-decode-{os.getpid()}"
+    engine.start()
+    await host.start(address)
+    remote = RemoteEngine(address, 1 << 22)
+    try:
+        await remote.start(10.0)
+        permit = await remote.admit(None, None)
+        assert permit.served.device_decode
+        router = DecodeRouter(settings)
+        uploads = [Upload(jpeg(seed=7), "'k.jpg'"), Upload(jpeg(seed=8), "'r.jpg'")]
+        encoded = []
+        for upload in uploads:
+            route = router.route(upload, permit.served, "crop", rollout=False)
+            assert route.encoded is not None
+            encoded.append(route.encoded)
+        result = await remote.infer(permit, Job([], None, time.monotonic() + 10, encoded))
+        permit.release()
+        local = await engine.infer(
+            engine.admit_now(None, None), Job([], None, time.monotonic() + 10, encoded[:1])
+        )
+    finally:
+        await remote.stop()
+        await host.stop()
+        await engine.stop()
+    assert [image.data for image in decoder.seen[:2]] == [u.data for u in uploads]
+    kept, refused = result.decoded
+    assert refused == Refused("no")
+    assert not isinstance(kept, Refused) and not isinstance(local.decoded[0], Refused)
+    assert kept.logits.tolist() == local.decoded[0].logits.tolist()
