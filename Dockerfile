@@ -15,13 +15,14 @@ ARG VARIANT=gpu
 # the versions every other install of the project uses, the same on every build.
 # GPU: onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9 (its build_and_package_info.py;
 # its CUDA provider needs libcublas.so.13 and libcudart.so.13), which this base provides, so it
-# installs the service's lock (onnxruntime-gpu without CUDA's wheels). Its TensorRT provider
+# installs the service's lock (onnxruntime-gpu without CUDA's wheels) with the GPU decoder's
+# wheels (nvImageCodec, nvJPEG, CV-CUDA for CUDA 13: VIT_SERVE_DECODE). Its TensorRT provider
 # needs libnvinfer.so.10 and libnvonnxparser.so.10: TensorRT 10, pinned (an unpinned
 # tensorrt-cu13-libs brings TensorRT 11, libnvinfer.so.11). NVIDIA serves those wheels from its
 # own index (the one on PyPI only points there), so they cannot be locked with the rest: the one
 # requirement installed by exact version without a hash.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
-ARG GPU_LOCK=requirements/serve.txt
+ARG GPU_LOCK=requirements/image-gpu.txt
 ARG GPU_WHEELS="tensorrt-cu13-libs==10.16.1.11"
 # CPU: the ONNX Runtime CPU wheel, installed directly (never the GPU wheel, then swapped). On
 # Debian's slim image: the same distribution a test here builds it on (scripts/container-base).

@@ -28,6 +28,8 @@ from app.http.routes import classify_route, router
 from app.http.v2.rest import router as v2_router
 from app.pipeline.preprocess import configure_pillow
 from app.pipeline.service import ClassifyService
+from app.runtime.decodemode import open_decoder
+from app.runtime.devicedecode import DeviceDecoder
 from app.runtime.sessions import BackendFactory, RolloutBackendFactory
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,18 @@ def load_engine(
     settings: Settings,
     backend_factory: BackendFactory | None = None,
     rollout_factory: RolloutBackendFactory | None = None,
+    device_decoder: DeviceDecoder | None = None,
 ) -> Engine:
-    """Load (and warm) every model version and make the engine that serves them; blocking."""
-    return Engine(settings, ModelTable.load(settings, backend_factory, rollout_factory))
+    """Load (and warm) every model version and make the engine that serves them; blocking.
+
+    The device decoder is VIT_SERVE_DECODE's (`open_decoder`: a DecodeUnavailableError here,
+    with why, when it is `gpu` and cannot be), or `device_decoder` where one is given (tests).
+    """
+    table = ModelTable.load(settings, backend_factory, rollout_factory)
+    if device_decoder is not None:
+        return Engine(settings, table, device_decoder, device_decoder.name)
+    decoder, note = open_decoder(settings.decode, table.on_gpu)
+    return Engine(settings, table, decoder, note)
 
 
 def create_app(
@@ -48,6 +59,7 @@ def create_app(
     backend_factory: BackendFactory | None = None,
     rollout_factory: RolloutBackendFactory | None = None,
     engine_address: str | None = None,
+    device_decoder: DeviceDecoder | None = None,
 ) -> FastAPI:
     """The service for `settings` (default: from the environment).
 
@@ -56,6 +68,7 @@ def create_app(
     loads the repository, creates and warms the sessions, starts the batcher, and drains it on
     shutdown. With `engine_address` this is a front-end process: the engine runs in another
     process (app/engine/host.py), reached there, and this one loads no model.
+    `device_decoder` replaces the one VIT_SERVE_DECODE opens (tests: a host stand-in).
     """
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
@@ -71,7 +84,9 @@ def create_app(
         if engine_address is None:
             # Loading hashes graphs and builds sessions: keep the event loop free meanwhile. A
             # repository that cannot be served raises here, and the server does not start.
-            local = await asyncio.to_thread(load_engine, settings, backend_factory, rollout_factory)
+            local = await asyncio.to_thread(
+                load_engine, settings, backend_factory, rollout_factory, device_decoder
+            )
             local.observe(metrics)  # the domain reports to hooks and never imports Prometheus
             local.start()
             engine = local

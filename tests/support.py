@@ -16,6 +16,7 @@ import pytest
 from app.core.settings import Settings
 from app.main import create_app
 from app.models.spec import Architecture, ModelSpec, Preprocess, Source, contract_tensors
+from app.runtime.devicedecode import DeviceDecoder
 from app.runtime.sessions import BackendFactory, RolloutBackendFactory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,9 +75,15 @@ async def serve(
     settings: Settings,
     backend_factory: BackendFactory | None = None,
     rollout_factory: RolloutBackendFactory | None = None,
+    device_decoder: DeviceDecoder | None = None,
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The app over httpx's ASGI transport, its lifespan run as uvicorn would run it."""
-    app = create_app(settings, backend_factory=backend_factory, rollout_factory=rollout_factory)
+    app = create_app(
+        settings,
+        backend_factory=backend_factory,
+        rollout_factory=rollout_factory,
+        device_decoder=device_decoder,
+    )
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -23,6 +23,8 @@ class RequestRecord:
     preprocess_s: float | None = None
     queue_waits_s: Sequence[float] = ()  # each image's wait for its batch, from the engine
     error_reason: str | None = None
+    # Images by (decode path, reason): "gpu"/"cpu" and why (app/pipeline/routing.py).
+    decodes: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 _current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
@@ -64,3 +66,11 @@ def note_preprocessed(images: int, seconds: float) -> None:
     if record is not None:
         record.images = images
         record.preprocess_s = seconds
+
+
+def note_decoded(path: str, reason: str, images: int = 1) -> None:
+    """The current request had `images` decoded on `path` ("gpu" or "cpu") for `reason`."""
+    record = _current.get()
+    if record is not None:
+        key = (path, reason)
+        record.decodes[key] = record.decodes.get(key, 0) + images

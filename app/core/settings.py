@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     fit_max_tokens: int | None = Field(
         default=None, gt=0, description="token cap of the `fit` policy; None: 2x the native tokens"
     )
+    decode: Literal["cpu", "gpu", "auto"] = Field(
+        default="auto",
+        description="where JPEGs are decoded, resized and patchified: cpu, in the front ends' "
+        "threads (Pillow); gpu, in the engine on the device (nvImageCodec, CV-CUDA), a start "
+        "error where its libraries do not load or no model runs on a GPU; auto: gpu where its "
+        "libraries load and a GPU (CUDA or TensorRT) runs the model, else cpu. What the device "
+        "does not take (other formats, progressive JPEGs, CMYK, ...) is decoded on the CPU, "
+        "each image counted with its reason",
+    )
     jpeg_draft: bool = Field(
         default=True, description="let libjpeg decode large JPEGs at 1/2..1/8 scale (>= 2x target)"
     )

@@ -33,7 +33,9 @@ class Layout:
 
     __slots__ = (
         "classes",
+        "encoded",
         "grids",
+        "images",
         "logits_at",
         "patch_bytes",
         "patch_dim",
@@ -44,16 +46,25 @@ class Layout:
     )
 
     def __init__(
-        self, grids: tuple[tuple[int, int], ...], patch_dim: int, classes: int, rollout: bool
+        self,
+        grids: tuple[tuple[int, int], ...],
+        patch_dim: int,
+        classes: int,
+        rollout: bool,
+        encoded: tuple[int, ...] = (),
     ) -> None:
-        self.grids = grids  # (grid_h, grid_w) per image
+        self.grids = grids  # (grid_h, grid_w) per image of patches
         self.patch_dim = patch_dim
         self.classes = classes
         self.rollout = rollout
+        # Byte lengths of the encoded images for the device decoder, after the patches; their
+        # outputs' rows follow the patches' rows.
+        self.encoded = encoded
+        self.images = len(grids) + len(encoded)
         self.patch_bytes = [gh * gw * patch_dim for gh, gw in grids]
-        self.logits_at = _align(sum(self.patch_bytes))
-        self.probs_at = self.logits_at + _align(len(grids) * classes * 4)
-        self.rollout_at = self.probs_at + len(grids) * classes * 8
+        self.logits_at = _align(sum(self.patch_bytes) + sum(encoded))
+        self.probs_at = self.logits_at + _align(self.images * classes * 4)
+        self.rollout_at = self.probs_at + self.images * classes * 8
         maps = sum(gh * gw * 4 for gh, gw in grids) if rollout else 0
         self.size = self.rollout_at + maps
 
@@ -139,12 +150,21 @@ class Arena:
             at += n
         return views  # type: ignore[return-value]
 
+    def encoded(self, block: int, layout: Layout) -> list[memoryview]:
+        """The encoded images' bytes, each a view of the block."""
+        views = []
+        at = block + sum(layout.patch_bytes)
+        for n in layout.encoded:
+            views.append(memoryview(self.map)[at : at + n])
+            at += n
+        return views
+
     def logits(self, block: int, layout: Layout) -> NDArray[np.float32]:
-        shape = (len(layout.grids), layout.classes)
+        shape = (layout.images, layout.classes)
         return self.array(block + layout.logits_at, shape, np.float32)  # type: ignore[return-value]
 
     def probs(self, block: int, layout: Layout) -> NDArray[np.float64]:
-        shape = (len(layout.grids), layout.classes)
+        shape = (layout.images, layout.classes)
         return self.array(block + layout.probs_at, shape, np.float64)  # type: ignore[return-value]
 
     def rollouts(self, block: int, layout: Layout) -> list[NDArray[np.float32]]:

@@ -24,7 +24,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,18 +37,22 @@ from app.core.threads import INFERENCE
 from app.engine.batches import (
     BatchKey,
     DeadlineExceededError,
+    DecodeRefusedError,
     InferenceError,
     NotServedError,
     Output,
     OverloadedError,
+    Refused,
     ShuttingDownError,
     first_error_or_all,
     not_served,
+    run_decoded,
     run_plain,
     run_rollout,
 )
 from app.models.repository import VersionKey
 from app.runtime.backends import Backend, RolloutBackend
+from app.runtime.devicedecode import DeviceDecoder, EncodedImage
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +66,18 @@ class _State(enum.Enum):
 @dataclass(eq=False)
 class _Item:
     key: BatchKey
-    patches: NDArray[np.uint8]  # (grid_h, grid_w, P*P*C)
+    patches: NDArray[np.uint8] | EncodedImage  # (grid_h, grid_w, P*P*C), or for the device
     future: asyncio.Future[Output]
     seq: int  # admission order: the oldest waiting key goes first
     state: _State = _State.QUEUED
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     enqueued_at: float = field(default_factory=time.perf_counter)  # for the queue-wait metric
+
+
+def grid_of(image: NDArray[np.uint8] | EncodedImage) -> tuple[int, int]:
+    if isinstance(image, EncodedImage):
+        return image.grid
+    return (int(image.shape[0]), int(image.shape[1]))
 
 
 def _answer(item: _Item, result: Output | BaseException) -> None:
@@ -143,6 +153,8 @@ class Batcher:
             for i in range(len(self._lanes))
         ]
         self.observer: BatchObserver | None = None
+        # Decodes the encoded items' batches (the engine's, where VIT_SERVE_DECODE serves).
+        self.decoder: DeviceDecoder | None = None
 
     @property
     def queued(self) -> int:
@@ -177,7 +189,9 @@ class Batcher:
         ]
 
     def submit(
-        self, requests: Sequence[tuple[BatchKey, NDArray[np.uint8]]], deadline: float
+        self,
+        requests: Sequence[tuple[BatchKey, NDArray[np.uint8] | EncodedImage]],
+        deadline: float,
     ) -> list[asyncio.Future[Output]]:
         """Admit all of a request's images or none; `deadline` is in the event loop's clock."""
         if not self._accepting:
@@ -198,8 +212,10 @@ class Batcher:
                 raise NotServedError(
                     f"model '{key.model}' version {key.version} has no rollout graph"
                 )
-            if patches.shape[:2] != key.grid:
-                raise ValueError(f"patches of grid {patches.shape[:2]} under key {key}")
+            if grid_of(patches) != key.grid or key.encoded != isinstance(patches, EncodedImage):
+                raise ValueError(f"an image of grid {grid_of(patches)} under key {key}")
+            if key.encoded and (self.decoder is None or key.rollout is not None):
+                raise ValueError(f"encoded images under key {key}, and no device decoder for it")
         futures: list[asyncio.Future[Output]] = []
         for key, patches in requests:
             item = _Item(key=key, patches=patches, future=loop.create_future(), seq=next(self._seq))
@@ -212,7 +228,9 @@ class Batcher:
         return futures
 
     async def infer(
-        self, requests: Sequence[tuple[BatchKey, NDArray[np.uint8]]], deadline: float
+        self,
+        requests: Sequence[tuple[BatchKey, NDArray[np.uint8] | EncodedImage]],
+        deadline: float,
     ) -> list[Output]:
         """Submit and wait for every image's output; raises the first image's error."""
         return await outputs_of(self.submit(requests, deadline))
@@ -320,7 +338,6 @@ class Batcher:
                 await self._run(lane, key, batch)
 
     async def _run(self, lane: int, key: BatchKey, batch: list[_Item]) -> None:
-        patches = [item.patches for item in batch]
         version = (key.model, key.version)
         plain = self._lanes[lane].get(version)
         rollout = self._rollout_backends.get(version)
@@ -330,14 +347,24 @@ class Batcher:
             return
         started = time.perf_counter()
         waits = [started - item.enqueued_at for item in batch]
-        if key.rollout is None:
-            job = functools.partial(run_plain, plain, patches, waits)
+        images = [item.patches for item in batch]
+        job: Callable[[], Sequence[Output | Refused]]
+        if key.encoded:
+            assert self.decoder is not None  # `submit` takes encoded images only with one
+            encoded = [i for i in images if isinstance(i, EncodedImage)]
+            job = functools.partial(run_decoded, plain, self.decoder, encoded, waits)
         else:
-            assert rollout is not None
-            job = functools.partial(run_rollout, rollout, key.rollout, patches, waits)
+            patches = [i for i in images if not isinstance(i, EncodedImage)]
+            if key.rollout is None:
+                job = functools.partial(run_plain, plain, patches, waits)
+            else:
+                assert rollout is not None
+                job = functools.partial(run_rollout, rollout, key.rollout, patches, waits)
         loop = asyncio.get_running_loop()
         try:
-            outputs = await loop.run_in_executor(self._executors[lane], job)
+            outputs: Sequence[Output | Refused] = await loop.run_in_executor(
+                self._executors[lane], job
+            )
         except asyncio.CancelledError:
             for item in batch:
                 _answer(item, ShuttingDownError("the server shut down during inference"))
@@ -352,7 +379,12 @@ class Batcher:
                 error.__cause__ = exc
                 _answer(item, error)
         else:
+            ran = []
             for item, output in zip(batch, outputs, strict=True):
-                _answer(item, output)
-            if self.observer is not None:
-                self.observer.batch_done(key, len(batch), time.perf_counter() - started)
+                if isinstance(output, Refused):
+                    _answer(item, DecodeRefusedError(output.reason))
+                else:
+                    _answer(item, output)
+                    ran.append(item)
+            if self.observer is not None and ran:
+                self.observer.batch_done(key, len(ran), time.perf_counter() - started)

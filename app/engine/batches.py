@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -11,7 +12,10 @@ from numpy.typing import NDArray
 
 from app.core.errors import ErrorKind, ServiceError
 from app.models.spec import RolloutParams
-from app.runtime.backends import Backend, RolloutBackend
+from app.runtime.backends import Backend, DeviceInputBackend, RolloutBackend
+from app.runtime.devicedecode import DeviceDecoder, EncodedImage
+
+log = logging.getLogger(__name__)
 
 Logits = NDArray[np.float32]
 Patches = NDArray[np.uint8]
@@ -40,6 +44,14 @@ class Output:
     # Seconds it waited in the queue before its batch ran. The front door records it with the
     # request's other figures: per image, in the front end's process, not the engine's.
     queued_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An encoded image the device decoder did not take, and why: the front end decodes it
+    on the CPU path instead (never an answer to a client by itself)."""
+
+    reason: str
 
 
 class BatchingError(ServiceError):
@@ -71,6 +83,14 @@ class InferenceError(BatchingError):
     can route around: retry)."""
 
 
+class DecodeRefusedError(BatchingError):
+    """Carries a `Refused` image through the batcher's futures to `Engine.infer`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class NotServedError(BatchingError):
     """The model version is not (or no longer) served: a reload removed it."""
 
@@ -87,6 +107,7 @@ class BatchKey:
     version: int
     grid: tuple[int, int]  # (grid_h, grid_w)
     rollout: RolloutParams | None = None  # None: the plain graph; else the rollout graph's inputs
+    encoded: bool = False  # its items are encoded images, decoded on the device per batch
 
     @property
     def graph(self) -> Literal["plain", "rollout"]:
@@ -120,6 +141,37 @@ def run_rollout(
     _check_rows("rollout", maps.shape[0], len(patches))
     rows = zip(logits, maps, softmax(logits), waits, strict=True)
     return [Output(row, p, rollout, wait) for row, rollout, p, wait in rows]
+
+
+def run_decoded(
+    backend: Backend, decoder: DeviceDecoder, images: list[EncodedImage], waits: list[float]
+) -> list[Output | Refused]:
+    """Decode a batch on the device and run the images it took; the others come back
+    `Refused`. A decoder that fails outright refuses the whole batch (each image then takes
+    the CPU path), where a failing session fails the batch as `run_plain`'s does."""
+    try:
+        decoded = decoder.decode(images)
+    except Exception as exc:
+        log.exception("the device decoder failed on a batch of %d", len(images))
+        return [Refused(f"the device decoder failed ({type(exc).__name__})")] * len(images)
+    outcomes: list[Output | Refused] = [
+        Refused(decoded.refused.get(i, "the device decoder gave no answer"))
+        for i in range(len(images))
+    ]
+    if not decoded.accepted:
+        return outcomes
+    if decoded.device is not None:
+        if not isinstance(backend, DeviceInputBackend):
+            raise RuntimeError(f"a {type(backend).__name__} takes no patches on the device")
+        logits = backend.run_device(decoded.device)
+    elif decoded.host is not None:
+        logits = backend.run(decoded.host)
+    else:
+        raise RuntimeError("the device decoder accepted images and gave no patches")
+    _check_rows("logits", logits.shape[0], len(decoded.accepted))
+    for i, row, p in zip(decoded.accepted, logits, softmax(logits), strict=True):
+        outcomes[i] = Output(row, p, None, waits[i])
+    return outcomes
 
 
 T = TypeVar("T")

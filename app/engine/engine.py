@@ -19,7 +19,7 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -33,11 +33,18 @@ from app.core.errors import (
 )
 from app.core.settings import Settings
 from app.engine.batcher import Batcher, BatchObserver, outputs_of
-from app.engine.batches import BatchKey, Output
+from app.engine.batches import (
+    BatchKey,
+    DecodeRefusedError,
+    Output,
+    Refused,
+    first_error_or_all,
+)
 from app.engine.introspection import Introspection, parse_grid
 from app.engine.table import ModelTable, ReloadReport
 from app.models.repository import Unavailable, VersionKey
 from app.models.spec import ROLLOUT_GRAPH_FILENAME, ModelSpec, OptimizationLevel, RolloutParams
+from app.runtime.devicedecode import DeviceDecoder, EncodedImage
 from app.runtime.providers import Placement, graph_form
 
 BUSY_MESSAGE = "the server is overloaded (every request place is taken); retry shortly"
@@ -62,6 +69,7 @@ class ServedVersion:
     spec: ModelSpec
     rollout: bool  # it has a rollout graph
     max_tokens: int  # patches per image it takes (the `fit` policy's cap)
+    device_decode: bool = False  # the engine decodes its JPEGs on the device (Job.encoded)
 
     @property
     def key(self) -> VersionKey:
@@ -75,6 +83,7 @@ class VersionDescription:
     placement: Placement  # where its plain graph runs
     rollout: bool
     form: OptimizationLevel  # model.onnx's form: none, fused, fp16, int8
+    decode: Literal["gpu", "cpu"] = "cpu"  # where its JPEGs are decoded (VIT_SERVE_DECODE)
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class Description:
     models: tuple[ModelDescription, ...]
     not_ready: tuple[Unavailable, ...]
     replica_not_ready: str | None  # VIT_SERVE_REQUIRE_GPU unmet: why the replica is out
+    decoder: str = "VIT_SERVE_DECODE=cpu"  # what decodes on the device, or why nothing does
 
     def model(self, name: str) -> ModelDescription | None:
         return next((m for m in self.models if m.name == name), None)
@@ -110,6 +120,9 @@ class Job:
     patches: Sequence[NDArray[np.uint8]]  # each (grid_h, grid_w, P*P*C)
     rollout: RolloutParams | None
     deadline: float
+    # Images for the device decoder (a version with `device_decode`), after the patches;
+    # their outcomes are `EngineResult.decoded`.
+    encoded: Sequence[EncodedImage] = ()
 
 
 @dataclass(frozen=True)
@@ -119,7 +132,8 @@ class EngineResult:
     name: str
     version: int
     spec: ModelSpec
-    outputs: Sequence[Output]
+    outputs: Sequence[Output]  # the job's patches'
+    decoded: Sequence[Output | Refused] = ()  # the job's encoded images': refused go the CPU path
 
 
 class Permit:
@@ -178,9 +192,19 @@ class EngineClient(Protocol):
 
 
 class Engine:
-    def __init__(self, settings: Settings, table: ModelTable) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        table: ModelTable,
+        decoder: DeviceDecoder | None = None,
+        decoder_note: str = "VIT_SERVE_DECODE=cpu",
+    ) -> None:
+        """`decoder`: decodes the JPEGs of the versions it serves (`device_decode`) in their
+        batches; `decoder_note`: what it is, or why there is none (`open_decoder`)."""
         self.settings = settings
         self.table = table
+        self.decoder = decoder
+        self.decoder_note = decoder_note
         self.batcher = Batcher(
             table.lanes(),
             rollout_backends=table.rollout_backends(),
@@ -190,6 +214,7 @@ class Engine:
             max_queue_delay_ms=settings.max_queue_delay_ms,
             worker_nice=settings.worker_nice,
         )
+        self.batcher.decoder = decoder
         self._admitted = 0  # permits not yet released
         self._numbers = itertools.count(1)
         # Fig. 7 at serve time, on CPU sessions of its own beside the batcher.
@@ -269,18 +294,39 @@ class Engine:
             spec=target.spec,
             rollout=self.table.has_rollout(target.key),
             max_tokens=self.max_tokens(target.spec),
+            device_decode=self.device_decode(target.key),
         )
+
+    def device_decode(self, key: VersionKey) -> bool:
+        """Whether the decoder serves this version: its patches can feed the version's
+        sessions (a GPU decoder's, sessions on CUDA or TensorRT)."""
+        if self.decoder is None or not self.batcher.serves(key):
+            return False
+        return self.decoder.serves(self.table.placement_of(key).provider)
 
     async def infer(self, permit: Permit, job: Job) -> EngineResult:
         """Run a job on the version `permit` holds, through the queue and the batcher."""
         served = permit.served
-        outputs = await outputs_of(self.submit(permit, job))
-        return EngineResult(served.name, served.version, served.spec, outputs)
+        if not job.encoded:
+            outputs = await outputs_of(self.submit(permit, job))
+            return EngineResult(served.name, served.version, served.spec, outputs)
+        plain, deadline = self._requests(permit, job)
+        return await self._infer_encoded(served, job, plain, deadline)
 
     def submit(self, permit: Permit, job: Job) -> list[asyncio.Future[Output]]:
-        """`infer` without the wait: the job's images queued, each one's future in order
-        (the engine's host answers from their callbacks, with no task a job). Cancelling a
-        future frees its queue place."""
+        """`infer` without the wait, for a job of patches only: its images queued, each one's
+        future in order (the engine's host answers from their callbacks, with no task a job).
+        Cancelling a future frees its queue place."""
+        if job.encoded:
+            raise ValueError("a job with encoded images goes through `infer`")
+        plain, deadline = self._requests(permit, job)
+        return self.batcher.submit(plain, deadline)
+
+    def _requests(
+        self, permit: Permit, job: Job
+    ) -> tuple[list[tuple[BatchKey, NDArray[np.uint8]]], float]:
+        """A job's patches checked and keyed for the batcher, and its deadline on the loop's
+        clock."""
         if permit.released:
             raise RuntimeError("this permit was released: admit the request again")
         served = permit.served
@@ -295,13 +341,45 @@ class Engine:
                 )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (job.deadline - time.monotonic())
-        return self.batcher.submit(
-            [
-                (BatchKey(served.name, served.version, (p.shape[0], p.shape[1]), job.rollout), p)
-                for p in job.patches
-            ],
-            deadline,
+        plain = [
+            (BatchKey(served.name, served.version, (p.shape[0], p.shape[1]), job.rollout), p)
+            for p in job.patches
+        ]
+        return plain, deadline
+
+    async def _infer_encoded(
+        self,
+        served: ServedVersion,
+        job: Job,
+        plain: list[tuple[BatchKey, NDArray[np.uint8]]],
+        deadline: float,
+    ) -> EngineResult:
+        """A job with images for the device decoder: each refused one comes back `Refused`
+        (a reload may have moved the version off the GPU meanwhile: then all of them)."""
+        if job.rollout is not None or not self.device_decode(served.key):
+            refused = Refused("this model version is not decoded on the device now")
+            outputs = await self.batcher.infer(plain, deadline) if plain else []
+            return EngineResult(
+                served.name, served.version, served.spec, outputs, [refused] * len(job.encoded)
+            )
+        requests: list[tuple[BatchKey, NDArray[np.uint8] | EncodedImage]] = list(plain)
+        requests.extend(
+            (BatchKey(served.name, served.version, image.grid, None, encoded=True), image)
+            for image in job.encoded
         )
+        futures = self.batcher.submit(requests, deadline)
+        # Cancelling this call cancels the futures, which frees their queue slots.
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        # The first error in the job's order is the answer; a refusal is no error.
+        answered = first_error_or_all(
+            [o for o in outcomes if not isinstance(o, DecodeRefusedError)]
+        )
+        outputs, decoded_outputs = answered[: len(plain)], iter(answered[len(plain) :])
+        decoded: list[Output | Refused] = [
+            Refused(o.reason) if isinstance(o, DecodeRefusedError) else next(decoded_outputs)
+            for o in outcomes[len(plain) :]
+        ]
+        return EngineResult(served.name, served.version, served.spec, outputs, decoded)
 
     # --- what is served ----------------------------------------------------------------------
 
@@ -338,6 +416,7 @@ class Engine:
                     placement=self.table.placement_of(mv.key),
                     rollout=number in rollout,
                     form=graph_form(mv.spec, number),
+                    decode="gpu" if self.device_decode(mv.key) else "cpu",
                 )
                 for number, mv in sorted(entry.versions.items())
             )
@@ -351,7 +430,11 @@ class Engine:
             )
         )
         return Description(
-            repository.default_model, tuple(models), not_ready, self.table.not_ready_reason
+            repository.default_model,
+            tuple(models),
+            not_ready,
+            self.table.not_ready_reason,
+            self.decoder_note,
         )
 
     async def reload(self) -> ReloadReport:

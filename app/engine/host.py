@@ -24,7 +24,7 @@ import numpy as np
 import app.engine.wire as wire
 from app.core.errors import ServiceError
 from app.engine.arena import Arena, Layout
-from app.engine.batches import Output
+from app.engine.batches import Output, Refused
 from app.engine.engine import Engine, Job, Permit
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ class _FrontEnd:
     arena: Arena
     link: wire.Link
     permits: dict[int, Permit] = field(default_factory=dict)
-    jobs: dict[int, list[asyncio.Future[Output]]] = field(default_factory=dict)  # by job id
+    # By job id: each image's future, or the one task of a job with encoded images.
+    jobs: dict[int, list[asyncio.Future[Any]]] = field(default_factory=dict)
 
     def send(self, message: dict[str, Any]) -> None:
         self.link.send(message)
@@ -224,13 +225,29 @@ class EngineHost:
                 patch_dim=int(message["patch_dim"]),
                 classes=int(message["classes"]),
                 rollout=message["rollout"] is not None,
+                encoded=tuple(int(n) for n in message.get("encoded_bytes", ())),
             )
             block = int(message["block"])
+            # The encoded images' bytes are copied out of the block: the decoder may hold
+            # them past a cancellation, when the front end frees the block.
+            encoded = [
+                wire.encoded_from(plan, bytes(data))
+                for plan, data in zip(
+                    message.get("encoded", ()), front.arena.encoded(block, layout), strict=True
+                )
+            ]
             job = Job(
                 front.arena.patches(block, layout),
                 wire.rollout_from(message["rollout"]),
                 float(message["deadline"]),
+                encoded,
             )
+            if encoded:  # the device decoder's path: its refusals come back per image
+                task = asyncio.get_running_loop().create_task(
+                    self._infer_encoded(front, ident, block, layout, permit, job)
+                )
+                front.jobs[ident] = [task]
+                return
             futures = self.engine.submit(permit, job)
         except ServiceError as exc:
             front.send({"id": ident, "error": wire.error_of(exc)})
@@ -289,6 +306,40 @@ class EngineHost:
             front.send({"id": ident, "error": wire.error_of(exc)})
             return
         front.send({"id": ident, "waits": waits})
+
+    async def _infer_encoded(
+        self, front: _FrontEnd, ident: int, block: int, layout: Layout, permit: Permit, job: Job
+    ) -> None:
+        try:
+            result = await self.engine.infer(permit, job)
+            logits = front.arena.logits(block, layout)
+            probs = front.arena.probs(block, layout)
+            maps = front.arena.rollouts(block, layout) if layout.rollout else []
+            waits = [0.0] * layout.images
+            for i, output in enumerate(result.outputs):
+                logits[i] = output.logits
+                probs[i] = output.probs
+                if layout.rollout and output.rollout is not None:
+                    maps[i][...] = output.rollout
+                waits[i] = output.queued_s
+            refused = []
+            for i, outcome in enumerate(result.decoded, start=len(result.outputs)):
+                if isinstance(outcome, Refused):
+                    refused.append([i, outcome.reason])
+                else:
+                    logits[i] = outcome.logits
+                    probs[i] = outcome.probs
+                    waits[i] = outcome.queued_s
+            front.send({"id": ident, "waits": waits, "refused": refused})
+        except asyncio.CancelledError:
+            front.send({"id": ident, "error": {"type": "", "message": "cancelled"}})
+        except ServiceError as exc:
+            front.send({"id": ident, "error": wire.error_of(exc)})
+        except Exception as exc:
+            log.exception("a job failed in the engine")
+            front.send({"id": ident, "error": wire.error_of(exc)})
+        finally:
+            front.jobs.pop(ident, None)
 
     async def _introspect(self, front: _FrontEnd, message: dict[str, Any]) -> None:
         ident = message["id"]

@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 import app.engine.wire as wire
 from app.core.errors import NotReadyError
 from app.engine.arena import Arena, Layout
-from app.engine.batches import Output, OverloadedError
+from app.engine.batches import Output, OverloadedError, Refused
 from app.engine.engine import (
     Description,
     EngineResult,
@@ -173,7 +173,9 @@ class RemoteEngine:
         )
         if model is None or found is None:  # pushed before any answer about it: a reload's race
             raise ModelNotReadyError(f"model '{name}' version {version} is not served; retry")
-        return ServedVersion(name, version, found.spec, found.rollout, model.max_tokens)
+        return ServedVersion(
+            name, version, found.spec, found.rollout, model.max_tokens, found.decode == "gpu"
+        )
 
     async def admit(self, model: str | None, version: int | None) -> Permit:
         answer = await self._call({"op": "admit", "model": model, "version": version})
@@ -196,6 +198,7 @@ class RemoteEngine:
             patch_dim=arch.patch_dim,
             classes=arch.num_classes,
             rollout=job.rollout is not None,
+            encoded=tuple(len(e.data) for e in job.encoded),
         )
         block = self.arena.alloc(layout.size)
         if block is None:
@@ -213,8 +216,17 @@ class RemoteEngine:
         try:
             for view, patches in zip(self.arena.patches(block, layout), job.patches, strict=True):
                 view[...] = patches
+            for target, image in zip(self.arena.encoded(block, layout), job.encoded, strict=True):
+                target[:] = image.data  # the upload's bytes, as they came
+            encoded = {}
+            if job.encoded:
+                encoded = {
+                    "encoded": [wire.encoded_of(e) for e in job.encoded],
+                    "encoded_bytes": list(layout.encoded),
+                }
             self._send(
                 {
+                    **encoded,
                     "op": "infer",
                     "id": ident,
                     "permit": permit.number,
@@ -257,11 +269,17 @@ class RemoteEngine:
             )
         finally:
             free()
+        waits = answer["waits"]
         outputs = [
-            Output(logits[i], probs[i], maps[i] if layout.rollout else None, float(wait))
-            for i, wait in enumerate(answer["waits"])
+            Output(logits[i], probs[i], maps[i] if layout.rollout else None, float(waits[i]))
+            for i in range(len(layout.grids))
         ]
-        return EngineResult(served.name, served.version, served.spec, outputs)
+        refused = {int(i): str(reason) for i, reason in answer.get("refused", ())}
+        decoded: list[Output | Refused] = [
+            Refused(refused[i]) if i in refused else Output(logits[i], probs[i], None, waits[i])
+            for i in range(len(layout.grids), layout.images)
+        ]
+        return EngineResult(served.name, served.version, served.spec, outputs, decoded)
 
     def readiness(self) -> Readiness:
         return self._readiness

@@ -28,6 +28,7 @@ from app.engine.engine import (
 from app.engine.table import ReloadReport
 from app.models.repository import Unavailable
 from app.models.spec import ModelSpec, RolloutParams
+from app.runtime.devicedecode import EncodedImage
 from app.runtime.providers import Placement
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,7 @@ def description_of(description: Description) -> dict[str, Any]:
     return {
         "default_model": description.default_model,
         "replica_not_ready": description.replica_not_ready,
+        "decoder": description.decoder,
         "not_ready": [_unavailable_of(u) for u in description.not_ready],
         "models": [
             {
@@ -224,6 +226,7 @@ def description_of(description: Description) -> dict[str, Any]:
                         "placement": _placement_of(v.placement),
                         "rollout": v.rollout,
                         "form": v.form,
+                        "decode": v.decode,
                     }
                     for v in m.versions
                 ],
@@ -247,6 +250,7 @@ def description_from(value: dict[str, Any]) -> Description:
                         placement=_placement_from(v["placement"]),
                         rollout=v["rollout"],
                         form=v["form"],
+                        decode=v["decode"],
                     )
                     for v in m["versions"]
                 ),
@@ -256,6 +260,7 @@ def description_from(value: dict[str, Any]) -> Description:
         ),
         not_ready=tuple(_unavailable_from(u) for u in value["not_ready"]),
         replica_not_ready=value["replica_not_ready"],
+        decoder=value["decoder"],
     )
 
 
@@ -274,4 +279,33 @@ def report_from(value: dict[str, Any]) -> ReloadReport:
         unloaded=list(value["unloaded"]),
         unchanged=list(value["unchanged"]),
         failed=[_unavailable_from(u) for u in value["failed"]],
+    )
+
+
+def encoded_of(image: EncodedImage) -> list[Any]:
+    """An encoded image's plan (its bytes travel in shared memory)."""
+    return [
+        image.name,
+        image.orientation,
+        list(image.image_size),
+        list(image.size),
+        None if image.box is None else list(image.box),
+        list(image.grid),
+        image.patch_size,
+        image.interpolation,
+    ]
+
+
+def encoded_from(value: list[Any], data: bytes) -> EncodedImage:
+    name, orientation, image_size, size, box, grid, patch_size, interpolation = value
+    return EncodedImage(
+        data=data,
+        name=name,
+        orientation=int(orientation),
+        image_size=(int(image_size[0]), int(image_size[1])),
+        size=(int(size[0]), int(size[1])),
+        box=None if box is None else (int(box[0]), int(box[1]), int(box[2]), int(box[3])),
+        grid=(int(grid[0]), int(grid[1])),
+        patch_size=int(patch_size),
+        interpolation=interpolation,
     )

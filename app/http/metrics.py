@@ -138,6 +138,16 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        # Each image once, by the path that decoded it and why (app/pipeline/routing.py's
+        # REASONS): path "gpu" in the engine's device decoder, "cpu" in a front end's threads.
+        self.decode_images = Counter(
+            "decode_images",
+            "images decoded, by path (gpu: on the device in the engine; cpu: Pillow in a front "
+            "end) and reason (why that path; cpu/refused: the device decoder refused it)",
+            ["model", "path", "reason"],
+            namespace=ns,
+            registry=r,
+        )
         self.in_flight = Gauge(
             "requests_in_flight",
             "HTTP requests being served (probes excluded)",
@@ -240,12 +250,33 @@ class Metrics:
             queue_wait = self._labelled(self.queue_wait, model)
             for wait in record.queue_waits_s:
                 queue_wait.observe(wait)
+        for (path, reason), images in record.decodes.items():
+            self._labelled(self.decode_images, model, path, reason).inc(images)
         if status < 400:
             if record.images:
                 self._labelled(self.images, model, protocol).inc(record.images)
         else:
             reason = record.error_reason or f"http_{status}"
             self._labelled(self.errors, route, code, reason, protocol).inc()
+
+    def decode_counts(self) -> dict[str, dict[str, int]]:
+        """Images decoded so far by model, then "path/reason" (every process's, summed)."""
+        if self.multiprocess_dir is None:
+            families = list(self.decode_images.collect())
+        else:
+            summed = CollectorRegistry()
+            MultiProcessCollector(summed, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+            families = [f for f in summed.collect() if f.name == f"{NAMESPACE}_decode_images"]
+        counts: dict[str, dict[str, int]] = {}
+        for family in families:
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                labels = sample.labels
+                per_model = counts.setdefault(labels["model"], {})
+                key = f"{labels['path']}/{labels['reason']}"
+                per_model[key] = per_model.get(key, 0) + int(sample.value)
+        return counts
 
     def exposition(self) -> bytes:
         if self.multiprocess_dir is None:

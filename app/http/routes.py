@@ -15,6 +15,7 @@ from app.http.frontdoor import draining, get_service, readiness, refuse_busy
 from app.http.params import openapi_parameters, read_params
 from app.http.schemas import (
     ClassifyResponse,
+    DecodeInfo,
     ErrorBody,
     ModelInfo,
     ModelsResponse,
@@ -131,8 +132,9 @@ async def readyz(request: Request) -> Status:
 
 
 @router.get("/models", response_model=ModelsResponse)
-async def models(service: ServiceDep) -> ModelsResponse:
+async def models(request: Request, service: ServiceDep) -> ModelsResponse:
     described = service.engine.describe()
+    decoded = request.app.state.metrics.decode_counts()
     infos = []
     for model in described.models:
         default = model.default
@@ -154,6 +156,11 @@ async def models(service: ServiceDep) -> ModelsResponse:
                 input_size=arch.input_size,
                 fit_max_tokens=model.max_tokens,
                 preprocess=PreprocessInfo.model_validate(spec.preprocess),
+                decode=DecodeInfo(
+                    where=default.decode,
+                    decoder=described.decoder,
+                    images=decoded.get(model.name, {}),
+                ),
                 provider=provider,
                 placement=placement.node_counts(),
                 wanted_provider=placement.wanted or provider,

@@ -58,6 +58,19 @@ class PreprocessInfo(_Schema):
     interpolation: str
 
 
+class DecodeInfo(_Schema):
+    where: Literal["gpu", "cpu"] = Field(
+        description="where the default version's JPEGs are decoded: gpu, on the device in the "
+        "engine (VIT_SERVE_DECODE); cpu, in the front ends' threads"
+    )
+    decoder: str = Field(description="what decodes on the device, or why nothing does")
+    images: dict[str, int] = Field(
+        default_factory=dict,
+        description="images decoded so far by this replica, by 'path/reason' (e.g. gpu/jpeg, "
+        "cpu/progressive, cpu/refused); the same counts as vit_serve_decode_images_total",
+    )
+
+
 class ModelInfo(_Schema):
     name: str
     default: bool = Field(description="served when a request names no model")
@@ -77,6 +90,7 @@ class ModelInfo(_Schema):
     input_size: tuple[int, int] = Field(description="[height, width] in pixels of the native grid")
     fit_max_tokens: int = Field(description="token cap of the `fit` resize policy")
     preprocess: PreprocessInfo
+    decode: DecodeInfo
     provider: str = Field(
         description="the ONNX Runtime execution provider that runs the default version's graph: "
         "the one ONNX Runtime assigned most of its matrix products and attention to, read from "

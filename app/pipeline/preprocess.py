@@ -254,6 +254,26 @@ def resize_plan(
     return ResizePlan(size=(gw * P, gh * P), box=None, grid=(gh, gw))
 
 
+def checked_plan(
+    width: int,
+    height: int,
+    spec: ModelSpec,
+    policy: ResizePolicy,
+    *,
+    name: str,
+    max_pixels: int,
+    fit_max_tokens: int,
+) -> ResizePlan:
+    """The plan for an image of (oriented) `width` x `height`, or ImageTooLargeError where it
+    would resize past the pixel limit: `crop` scales the short side to the input size first,
+    so a 1x200000 sliver (under 1 KB of PNG) would become 73x14600000, gigabytes before the
+    crop. The limit on pixels decoded bounds pixels resized too."""
+    plan = resize_plan(width, height, spec, policy, fit_max_tokens)
+    if plan.size[0] * plan.size[1] > max_pixels:
+        raise _too_large_resized(name, (width, height), plan.size, policy, max_pixels)
+    return plan
+
+
 def patchify(pixels: NDArray[np.uint8], patch_size: int) -> NDArray[np.uint8]:
     """(H, W, C) pixels -> (H/P, W/P, P*P*C) patch vectors in (row, col, channel) order."""
     H, W, C = pixels.shape
@@ -314,12 +334,15 @@ def prepare(
         # The plan comes from the size that was sent (a draft decode is smaller): the grid and
         # crop must not depend on whether libjpeg took a shortcut.
         width, height = (header_h, header_w) if swapped else (header_w, header_h)
-        plan = resize_plan(width, height, spec, policy, fit_max_tokens)
-        # `crop` scales the short side to the input size first: a 1x200000 sliver (under 1 KB of
-        # PNG) would become 73x14600000, gigabytes before the crop. The limit on pixels decoded
-        # bounds pixels resized too.
-        if plan.size[0] * plan.size[1] > max_pixels:
-            raise _too_large_resized(name, (width, height), plan.size, policy, max_pixels)
+        plan = checked_plan(
+            width,
+            height,
+            spec,
+            policy,
+            name=name,
+            max_pixels=max_pixels,
+            fit_max_tokens=fit_max_tokens,
+        )
         decoded = time.perf_counter()
         # Inside the `with`: closing the file also frees the pixels of `img` (maybe `rgb`).
         resized = rgb.resize(plan.size, _RESAMPLE[spec.preprocess.interpolation])

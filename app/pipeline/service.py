@@ -11,9 +11,10 @@ knows no HTTP, and of the engine only its client protocol (app/engine).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -29,7 +30,9 @@ from app.engine import (
     EngineClient,
     EngineResult,
     Job,
+    Output,
     Permit,
+    Refused,
     RolloutMap,
     ServedVersion,
     check_rollout,
@@ -37,9 +40,13 @@ from app.engine import (
 from app.models.spec import ModelSpec, RolloutParams
 from app.pipeline.postprocess import Prediction
 from app.pipeline.postprocess import top_k as top_k_of
-from app.pipeline.preprocess import ResizePolicy
+from app.pipeline.preprocess import PreparedImage, ResizePolicy
 from app.pipeline.rollout import RolloutResult, normalise
+from app.pipeline.routing import DecodeRouter, Route
 from app.pipeline.workers import Preprocessor, Upload
+from app.runtime.devicedecode import EncodedImage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,11 +87,38 @@ class Inference:
     timing: Timing
 
 
+@dataclass
+class _Images:
+    """A request's images on their way: each one's route, and the CPU path's results so far
+    (by index); the device path's images are decoded in the engine."""
+
+    uploads: Sequence[Upload]
+    routes: list[Route]
+    prepared: dict[int, PreparedImage] = field(default_factory=dict)
+    paths: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), counted
+
+    def size_and_grid(self, i: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        if i in self.prepared:
+            return self.prepared[i].image_size, self.prepared[i].grid
+        encoded = self.routes[i].encoded
+        assert encoded is not None  # an image is prepared here or encoded for the device
+        return encoded.image_size, encoded.grid
+
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        return [self.size_and_grid(i)[1] for i in range(len(self.routes))]
+
+    def in_order(self) -> list[PreparedImage]:
+        """Every image's CPU result (a rollout request's images all take the CPU path)."""
+        return [self.prepared[i] for i in range(len(self.routes))]
+
+
 class ClassifyService:
     def __init__(self, settings: Settings, engine: EngineClient) -> None:
         self.settings = settings
         self.engine = engine
         self.preprocessor = Preprocessor(settings)
+        self.router = DecodeRouter(settings)
 
     def stop(self) -> None:
         self.preprocessor.shutdown()
@@ -123,24 +157,18 @@ class ClassifyService:
             check_rollout(target, rollout)
         k = self._top_k(top_k, target.spec)
         self._check_count(len(uploads))
-        prepared = await self.preprocessor.prepare_all(
-            uploads, target.spec, resize, _loop_deadline(deadline)
-        )
+        images = await self._prepare(permit, uploads, resize, rollout, deadline)
         preprocessed = time.perf_counter()
-        records.note_preprocessed(len(prepared), preprocessed - started)
-        result = await self.engine.infer(
-            permit, Job([p.patches for p in prepared], rollout, deadline)
-        )
+        records.note_preprocessed(len(uploads), preprocessed - started)
+        result, outputs = await self._infer(permit, images, resize, rollout, deadline)
         inferred = time.perf_counter()
-        outputs = result.outputs
-        records.note_queued([output.queued_s for output in outputs])
-        rollouts: Sequence[RolloutResult | None] = [None] * len(prepared)
+        rollouts: Sequence[RolloutResult | None] = [None] * len(uploads)
         if rollout is not None:
             maps = _rollouts_of(result)
-            pngs: Sequence[str | None] = [None] * len(prepared)
+            pngs: Sequence[str | None] = [None] * len(uploads)
             if heatmap:
                 pngs = await self.preprocessor.draw_heatmaps(
-                    uploads, prepared, maps, result.spec, resize, _loop_deadline(deadline)
+                    uploads, images.in_order(), maps, result.spec, resize, _loop_deadline(deadline)
                 )
             rollouts = [
                 RolloutResult(heat.tolist(), rollout.head_fusion, rollout.discard_ratio, png)
@@ -149,12 +177,12 @@ class ClassifyService:
         results = [
             ImageResult(
                 predictions=top_k_of(output.probs, k, result.spec.labels),
-                image_size=p.image_size,
-                grid=p.grid,
+                image_size=images.size_and_grid(i)[0],
+                grid=images.size_and_grid(i)[1],
                 resize=resize,
                 rollout=rollout_result,
             )
-            for p, output, rollout_result in zip(prepared, outputs, rollouts, strict=True)
+            for i, (output, rollout_result) in enumerate(zip(outputs, rollouts, strict=True))
         ]
         done = time.perf_counter()
         return Classification(
@@ -192,6 +220,7 @@ class ClassifyService:
         records.note_model(target.name)
         if rollout is not None:
             check_rollout(target, rollout)
+        prepared: _Images | None = None
         if isinstance(images, np.ndarray):
             grids = self._check_patches(images, target)
             patches: Sequence[NDArray[np.uint8]] = list(images)
@@ -202,12 +231,9 @@ class ClassifyService:
             self._check_count(len(images))
             if not images:
                 raise InvalidInputError("the request holds no image")
-            prepared = await self.preprocessor.prepare_all(
-                images, target.spec, resize, _loop_deadline(deadline)
-            )
-            records.note_preprocessed(len(prepared), time.perf_counter() - started)
-            grids = [p.grid for p in prepared]
-            patches = [p.patches for p in prepared]
+            prepared = await self._prepare(permit, images, resize, rollout, deadline)
+            records.note_preprocessed(len(images), time.perf_counter() - started)
+            grids = prepared.grids
         if one_grid and len(set(grids)) > 1:
             raise InvalidInputError(
                 "the images of this request have different grids ("
@@ -216,10 +242,13 @@ class ClassifyService:
                 "requests, or with resize=crop"
             )
         preprocessed = time.perf_counter()
-        result = await self.engine.infer(permit, Job(patches, rollout, deadline))
+        if prepared is None:
+            result = await self.engine.infer(permit, Job(patches, rollout, deadline))
+            outputs = list(result.outputs)
+            records.note_queued([output.queued_s for output in outputs])
+        else:
+            result, outputs = await self._infer(permit, prepared, resize, rollout, deadline)
         inferred = time.perf_counter()
-        outputs = result.outputs
-        records.note_queued([output.queued_s for output in outputs])
         return Inference(
             model=result.name,
             version=result.version,
@@ -234,6 +263,83 @@ class ClassifyService:
                 total_ms=round((inferred - started) * 1e3, 3),
             ),
         )
+
+    async def _prepare(
+        self,
+        permit: Permit,
+        uploads: Sequence[Upload],
+        resize: ResizePolicy,
+        rollout: RolloutParams | None,
+        deadline: float,
+    ) -> _Images:
+        """Route each image (app/pipeline/routing.py) and decode the CPU path's here; the
+        device path's travel to the engine as their bytes."""
+        target = permit.served
+        routes = [self.router.route(u, target, resize, rollout is not None) for u in uploads]
+        images = _Images(uploads, routes, paths=[(r.path, r.reason) for r in routes])
+        try:
+            cpu = [i for i, route in enumerate(routes) if route.path == "cpu"]
+            if cpu:
+                done = await self.preprocessor.prepare_all(
+                    [uploads[i] for i in cpu], target.spec, resize, _loop_deadline(deadline)
+                )
+                images.prepared.update(zip(cpu, done, strict=True))
+        except BaseException:
+            _count(images)
+            raise
+        return images
+
+    async def _infer(
+        self,
+        permit: Permit,
+        images: _Images,
+        resize: ResizePolicy,
+        rollout: RolloutParams | None,
+        deadline: float,
+    ) -> tuple[EngineResult, list[Output]]:
+        """The engine's outputs in the images' order. What the device decoder refused is
+        decoded here and sent again, under the same permit and deadline: a broken JPEG then
+        gets the CPU path's 400, a JPEG the device does not take its answer."""
+        try:
+            cpu = sorted(images.prepared)
+            gpu = [i for i in range(len(images.routes)) if i not in images.prepared]
+            encoded: list[EncodedImage] = []
+            for i in gpu:
+                image = images.routes[i].encoded
+                assert image is not None
+                encoded.append(image)
+            job = Job([images.prepared[i].patches for i in cpu], rollout, deadline, encoded)
+            result = await self.engine.infer(permit, job)
+            outputs: dict[int, Output] = dict(zip(cpu, result.outputs, strict=True))
+            refused = []
+            for i, outcome in zip(gpu, result.decoded, strict=True):
+                if isinstance(outcome, Refused):
+                    log.debug(
+                        "%s: the device decoder refused it: %s",
+                        images.uploads[i].name,
+                        outcome.reason,
+                    )
+                    refused.append(i)
+                    images.paths[i] = ("cpu", "refused")
+                else:
+                    outputs[i] = outcome
+            if refused:
+                done = await self.preprocessor.prepare_all(
+                    [images.uploads[i] for i in refused],
+                    permit.served.spec,
+                    resize,
+                    _loop_deadline(deadline),
+                )
+                images.prepared.update(zip(refused, done, strict=True))
+                again = await self.engine.infer(
+                    permit, Job([p.patches for p in done], rollout, deadline)
+                )
+                outputs.update(zip(refused, again.outputs, strict=True))
+        finally:
+            _count(images)
+        ordered = [outputs[i] for i in range(len(images.routes))]
+        records.note_queued([output.queued_s for output in ordered])
+        return result, ordered
 
     def _check_count(self, images: int) -> None:
         if images > self.settings.images_per_request_max:
@@ -278,6 +384,12 @@ class ClassifyService:
                 f"top_k must be between 1 and {self.settings.top_k_max}, got {k}"
             )
         return min(k, spec.architecture.num_classes)  # asking for more than exist is no error
+
+
+def _count(images: _Images) -> None:
+    """Each image once, under the path that decoded it (or was to) and why."""
+    for path, reason in images.paths:
+        records.note_decoded(path, reason)
 
 
 def _loop_deadline(deadline: float) -> float:

@@ -44,7 +44,7 @@ class Upload:
     content_type: str | None = None  # as the client declared it
 
 
-def _declares_image(content_type: str | None) -> bool:
+def declares_image(content_type: str | None) -> bool:
     # Clients often send images as octet-stream or with no type at all: try those too.
     if not content_type:
         return True
@@ -160,7 +160,7 @@ class Preprocessor:
                 jpeg_draft=self.settings.jpeg_draft,
             )
         except ImageDecodeError as exc:
-            if _declares_image(upload.content_type):
+            if declares_image(upload.content_type):
                 raise
             raise UnsupportedMediaTypeError(
                 f"part {upload.name} is declared as '{upload.content_type}' and is not an "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import onnxruntime as ort
@@ -39,6 +39,15 @@ class Backend(Protocol):
 
     def run(self, patches: NDArray[np.uint8]) -> NDArray[np.float32]:
         """(B, grid_h, grid_w, P*P*C) uint8 -> (B, num_classes) float32 logits."""
+        ...
+
+
+@runtime_checkable
+class DeviceInputBackend(Protocol):
+    """A backend that also takes patches already on its device (the GPU decoder's)."""
+
+    def run_device(self, patches: ort.OrtValue) -> NDArray[np.float32]:
+        """An OrtValue (B, grid_h, grid_w, P*P*C) uint8 on the GPU -> (B, classes) logits."""
         ...
 
 
@@ -222,6 +231,21 @@ class OnnxBackend:
         if self._outside is not None and not self._profile_covers(patches.shape):
             session, device = self._outside
         (logits,) = run_session(session, {self._input: patches}, [self._output], device)
+        return np.asarray(logits, dtype=np.float32)
+
+    def run_device(self, patches: ort.OrtValue) -> NDArray[np.float32]:
+        """Patches the GPU decoder made, bound where they are: no copy through the host."""
+        session, device = self._session, self._device
+        shape = tuple(int(d) for d in patches.shape())
+        if self._outside is not None and not self._profile_covers(shape):
+            session, device = self._outside
+        if device != "cuda":
+            raise RuntimeError(f"patches on the GPU cannot feed a session on {self.provider}")
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(self._input, patches)
+        binding.bind_output(self._output, device, prov.DEVICE_ID)
+        session.run_with_iobinding(binding)
+        (logits,) = binding.copy_outputs_to_cpu()
         return np.asarray(logits, dtype=np.float32)
 
     def _profile_covers(self, shape: tuple[int, ...]) -> bool:
