@@ -1,5 +1,5 @@
 """What the GPU check needs on a lent GPU machine, made here: the service's locked wheels for
-CPython 3.12 on manylinux x86-64 and the 100 shared photos, in parts the device tool can carry.
+CPython 3.12 on manylinux x86-64 and the 100 shared photos, in parts that a call can carry.
 
     .venv/bin/python -m bench.gpu_bundle            # .whl/, .photos/, .whl-parts/part-00 ...
 
@@ -49,8 +49,9 @@ MIB = 1 << 20
 CALL_LIMIT = 64 * MIB  # what one device call carries, the working tree included
 MAX_PART = 36 * MIB  # the recipe's part; 44 MiB parts with the tree were over the limit
 MARGIN = 1 * MIB  # for files the tree gains between now and the calls
-# The lent machines' Python (KINDS.md) and the wheel tags its pip takes (manylinux_2_28 and
-# older: its glibc is 2.35); pip matches each tag exactly, so every one is named.
+# The lent machine's Python (3.12 on the H200 of 2026-11-30) and the wheel tags taken for it
+# (manylinux_2_28 and older, as the recipe before this took them); pip matches each tag
+# exactly, so every one is named.
 PYTHON = "3.12"
 PLATFORMS = (
     "manylinux_2_28_x86_64",
@@ -172,8 +173,8 @@ def copy_photos(source: Path, dest: Path) -> list[Path]:
 
 
 def tree_bytes(root: Path = ROOT) -> int:
-    """What the device tool carries of the checkout besides the paths named in a call: tracked
-    files and untracked ones git does not ignore."""
+    """What a call carries of the checkout besides the paths it names: tracked files and
+    untracked ones git does not ignore."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=root,

@@ -1,8 +1,11 @@
 """The GPU check: one command, at most 6 minutes on one GPU, that says whether the GPU path works
 and what it delivers.
 
-    PYTHONPATH=/tmp/site:. python3 -m bench.gpu_check --out "$OUT"      # a machine with a GPU
+    PYTHONPATH=/tmp/site:. python3 -m bench.gpu_check --photos /tmp/gpu/photos --out "$OUT"
     .venv/bin/python -m bench.gpu_check --cpu-smoke --out build/gpu_check  # the same code, a CPU
+
+(the first on a machine with a GPU, with what bench.gpu_bundle made: docs/performance.md,
+"Running it on a lent GPU machine").
 
 Needs onnxruntime-gpu, numpy, Pillow and the service's own packages; no PyTorch, no `onnx`, no
 TensorRT (used where it loads). The ViT-B/16 graphs are made here from bench/graphs/
@@ -16,22 +19,27 @@ each skipped (and said so) when the time budget (--budget-s) no longer allows it
    form on TensorRT) in sessions made as the service makes them
    (app.runtime.sessions.open_backend), where ONNX Runtime put their nodes, and their logits
    against the same graph on the CPU at 3 grids: fp32 within 1e-3; fp16 the same top-1 and
-   within 1% of the largest logit (fp32 beyond the bound is run again with TF32 off, to tell
-   TF32 from a fault);
+   within 1% of the largest logit; fp32 both ways, as served (CUDA's TF32 matrix products) and
+   with VIT_SERVE_CUDA_TF32=false (exact float32), which tells TF32 from a fault;
 3. raw throughput: ViT-B/16 img/s at batch 1, 8, 32, 64, 128, 256 (native grid), fp32 and fp16,
    on CUDA, and on TensorRT where it loads, built with the service's own settings (its profile
    covers the batches the service sends; larger ones run where the service runs them, on CUDA)
    in a subprocess limited to the time left; the engine build's time apart;
-4. the service end to end: `python -m app.server` over ViT-B/16 fp16, JPEGs posted one per
-   request at concurrency 64 and 256 by a client in this process (one core): img/s, p50, p99;
-   beside it the CPU decode ceiling, decode + resize + patchify img/s on one core x the cores;
+4. the service end to end: `python -m app.server` over ViT-B/16 fp16, the 100 shared photos
+   (--photos) posted one per request by a client of several processes (bench.loadgen): at
+   VIT_SERVE_WORKERS=1 at concurrency 64 and 256, then the workers sweep (4, 8, 14) at 256, each
+   its own service: img/s, p50, p99, errors, the server's CPU per image by process and the
+   client's; beside them the CPU decode ceiling (decode + resize + patchify img/s on one core x
+   the cores) and the target, at least 70% of min(raw fp16 at its best batch, that ceiling) at
+   c=256 with 0 errors; and one level with VIT_SERVE_DECODE=gpu where the checkout has that
+   setting (skipped, with the reason, where not);
 5. one JSON and one PNG (--out), and a summary on stdout.
 
 `--cpu-smoke` runs every phase on the CPU with a tiny encoder over the same 224 px input, small
-batches and low concurrency, in well under a minute: what the test suite runs
-(tests/unit/test_gpu_check.py). Nothing here asserts on speed; parity failures are reported, and
-the exit status is 0 when every phase ran or was skipped for time, 2 when there is no usable GPU
-(the environment is still written), 1 on an error.
+batches, low concurrency and the sweep at workers 1 and 2, in well under a minute: what the test
+suite runs (tests/unit/test_gpu_check.py). Nothing here asserts on speed; parity failures are
+reported, and the exit status is 0 when every phase ran or was skipped (for time, or with a
+stated reason), 2 when there is no usable GPU (the environment is still written), 1 on an error.
 """
 
 from __future__ import annotations
