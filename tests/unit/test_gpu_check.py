@@ -244,3 +244,73 @@ def test_tensorrt_is_built_with_the_services_own_settings(
     different = {k for k, v in used.model_dump().items() if v != service.model_dump()[k]}
     assert different <= {"providers", "warmup"}
     assert (used.max_batch_size, used.fit_max_tokens, used.trt_fp16) == (64, 300, True)
+
+
+class SteppedClock:
+    """A clock whose time moves only when a service of the fake below runs."""
+
+    def __init__(self, left: float) -> None:
+        self.left = left
+
+
+def test_the_sweep_leaves_out_what_the_time_left_cannot_hold(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    plan = gpu_check.Plan.make(smoke=False, budget_s=None)
+    started: list[tuple[str, float]] = []
+
+    class NoClients:
+        def __init__(self, processes: int, bodies: list[bytes]) -> None:
+            assert processes == plan.client_processes
+            self.pids = list(range(processes))
+
+        def __enter__(self) -> NoClients:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    def serve_levels(
+        repo: Path,
+        model: str,
+        env: dict[str, str],
+        levels: tuple[int, ...],
+        plan_: gpu_check.Plan,
+        clients: object,
+        log: Path,
+        ready_timeout_s: float,
+    ) -> gpu_check.Served:
+        # Each service takes 20 s to start, then its warm-up and its levels.
+        started.append((env["VIT_SERVE_WORKERS"], ready_timeout_s))
+        clock.left -= 20 + plan.warmup_s + len(levels) * plan.seconds_per_level
+        measured = [
+            {"workers": int(env["VIT_SERVE_WORKERS"]), "concurrency": c, "img_per_s": 100.0,
+             "errors": 0, "lost": 0, "p50_ms": 1.0, "p99_ms": 2.0}
+            for c in levels
+        ]  # fmt: skip
+        return gpu_check.Served(env, 20.0, measured, {"provider": "CUDAExecutionProvider"})
+
+    monkeypatch.setattr(gpu_check, "Clients", NoClients)
+    monkeypatch.setattr(gpu_check, "serve_levels", serve_levels)
+    monkeypatch.setattr(
+        gpu_check, "decode_ceiling", lambda *a: {"img_per_s_per_core": 1.0, "cores": 1,
+                                                  "ceiling_img_per_s": 1.0}
+    )  # fmt: skip
+    monkeypatch.setattr(gpu_check, "gpu_decode_problem", lambda p: "not in this checkout")
+    repo = gpu_check.DEMO_REPO
+    # Enough for all four: the first needs 90 s of start (a guess) + 3 + 2 levels of 10 s (+10);
+    # the others 30 (the 20 s measured, x1.5) + 3 + 10 (+10).
+    clock = SteppedClock(200.0)
+    done = gpu_check.end_to_end(repo, "demo-shapes", plan, clock, tmp_path, None)  # type: ignore[arg-type]
+    assert [w for w, _ in started] == ["1", "4", "8", "14"]
+    assert [lv["workers"] for lv in done["sweep"]] == [1, 4, 8, 14]
+    assert [lv["concurrency"] for lv in done["levels"]] == [64, 256]
+    assert done["not_measured"] == [] and done["gpu_decode"] == {"skipped": "not in this checkout"}
+    # 150 s: after three steps 41 s are left, short of the 53 the fourth needs.
+    started.clear()
+    clock = SteppedClock(150.0)
+    done = gpu_check.end_to_end(repo, "demo-shapes", plan, clock, tmp_path, None)  # type: ignore[arg-type]
+    assert [w for w, _ in started] == ["1", "4", "8"]
+    assert done["not_measured"] == ["workers=14 (time budget)"]
+    # Each service may take the time left beyond its warm-up, its levels and 10 s to stop.
+    assert started[0][1] == pytest.approx(150.0 - 3 - 20 - 10)
