@@ -604,7 +604,7 @@ def end_to_end(
         return max(30.0, clock.left - (needed - start_estimate()) - 10)
 
     steps = [(w, plan.concurrency if w == 1 else (plan.sweep_concurrency,)) for w in plan.workers]
-    result["levels"], result["sweep"], result["not_measured"] = [], [], []
+    result["levels"], result["sweep"], result["not_measured"], result["failed"] = [], [], [], []
     best: tuple[float, int] | None = None  # (img/s, workers) of the sweep
     with Clients(plan.client_processes, images.bodies) as clients:
         result["client_pids"] = list(clients.pids)
@@ -616,16 +616,21 @@ def end_to_end(
             env = service_env(plan, workers)
             threads = env["VIT_SERVE_PREPROCESS_THREADS"]
             say(f"   workers={workers} (decode threads: {threads} per front end)")
-            served = serve_levels(
-                repo,
-                model,
-                env,
-                levels,
-                plan,
-                clients,
-                workdir / f"service-workers{workers}.log",
-                ready_timeout_s=ready_within(needed),
-            )
+            try:
+                served = serve_levels(
+                    repo,
+                    model,
+                    env,
+                    levels,
+                    plan,
+                    clients,
+                    workdir / f"service-workers{workers}.log",
+                    ready_timeout_s=ready_within(needed),
+                )
+            except Exception as exc:  # reported; the steps measured and the rest still count
+                result["failed"].append(f"workers={workers}: {type(exc).__name__}: {exc}")
+                say(f"   failed: {result['failed'][-1]}")
+                continue
             slowest_start = max(slowest_start or 0.0, served.start_s)
             if "placement" not in result:
                 result["placement"] = {
@@ -652,22 +657,26 @@ def end_to_end(
             workers = best[1] if best is not None else max(plan.workers)
             env = {**service_env(plan, workers), "VIT_SERVE_DECODE": "gpu"}
             say(f"   VIT_SERVE_DECODE=gpu, workers={workers}")
-            served = serve_levels(
-                repo,
-                model,
-                env,
-                (plan.sweep_concurrency,),
-                plan,
-                clients,
-                workdir / "service-gpu-decode.log",
-                ready_timeout_s=ready_within(needed),
-            )
-            result["gpu_decode"] = {
-                **served.levels[0],
-                "service_env": served.env,
-                "start_s": served.start_s,
-                "models_entry": {k: v for k, v in served.models_entry.items() if "decode" in k},
-            }
+            try:
+                served = serve_levels(
+                    repo,
+                    model,
+                    env,
+                    (plan.sweep_concurrency,),
+                    plan,
+                    clients,
+                    workdir / "service-gpu-decode.log",
+                    ready_timeout_s=ready_within(needed),
+                )
+                result["gpu_decode"] = {
+                    **served.levels[0],
+                    "service_env": served.env,
+                    "start_s": served.start_s,
+                    "models_entry": {k: v for k, v in served.models_entry.items() if "decode" in k},
+                }
+            except Exception as exc:
+                result["failed"].append(f"VIT_SERVE_DECODE=gpu: {type(exc).__name__}: {exc}")
+                result["gpu_decode"] = {"failed": result["failed"][-1]}
         else:
             result["gpu_decode"] = {"skipped": problem}
     return result
@@ -856,6 +865,7 @@ def check(plan: Plan, workdir: Path, tensorrt: bool, photos: Path | None = None)
                 placed = e2e["placement"]
                 say(f"   service on {placed['provider']} ({placed['placement']})")
             report.skipped += [f"end to end {step}" for step in e2e["not_measured"]]
+            report.errors += [f"end to end {step}" for step in e2e["failed"]]
             if "skipped" in e2e["gpu_decode"]:
                 report.skipped.append(
                     f"end to end with VIT_SERVE_DECODE=gpu: {e2e['gpu_decode']['skipped']}"

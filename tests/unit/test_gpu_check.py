@@ -258,6 +258,7 @@ def test_the_sweep_leaves_out_what_the_time_left_cannot_hold(
 ) -> None:
     plan = gpu_check.Plan.make(smoke=False, budget_s=None)
     started: list[tuple[str, float]] = []
+    broken: set[str] = set()
 
     class NoClients:
         def __init__(self, processes: int, bodies: list[bytes]) -> None:
@@ -282,6 +283,8 @@ def test_the_sweep_leaves_out_what_the_time_left_cannot_hold(
     ) -> gpu_check.Served:
         # Each service takes 20 s to start, then its warm-up and its levels.
         started.append((env["VIT_SERVE_WORKERS"], ready_timeout_s))
+        if env["VIT_SERVE_WORKERS"] in broken:
+            raise TimeoutError("the server did not become ready")
         clock.left -= 20 + plan.warmup_s + len(levels) * plan.seconds_per_level
         measured = [
             {"workers": int(env["VIT_SERVE_WORKERS"]), "concurrency": c, "img_per_s": 100.0,
@@ -311,6 +314,13 @@ def test_the_sweep_leaves_out_what_the_time_left_cannot_hold(
     clock = SteppedClock(150.0)
     done = gpu_check.end_to_end(repo, "demo-shapes", plan, clock, tmp_path, None)  # type: ignore[arg-type]
     assert [w for w, _ in started] == ["1", "4", "8"]
-    assert done["not_measured"] == ["workers=14 (time budget)"]
+    assert done["not_measured"] == ["workers=14 (time budget)"] and done["failed"] == []
     # Each service may take the time left beyond its warm-up, its levels and 10 s to stop.
     assert started[0][1] == pytest.approx(150.0 - 3 - 20 - 10)
+    # A step whose service fails is reported; the steps before and after still count.
+    started.clear()
+    broken.add("8")
+    clock = SteppedClock(200.0)
+    done = gpu_check.end_to_end(repo, "demo-shapes", plan, clock, tmp_path, None)  # type: ignore[arg-type]
+    assert [lv["workers"] for lv in done["sweep"]] == [1, 4, 14]
+    assert done["failed"] == ["workers=8: TimeoutError: the server did not become ready"]
