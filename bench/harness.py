@@ -40,6 +40,9 @@ from bench.machine import machine_info
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PHOTOS = ROOT.parent / "shared" / "testdata" / "photos"
+# Where the photos are on a machine without ../shared (a lent GPU machine gets the working tree
+# alone: bench.gpu_bundle carries a copy to it); unset: PHOTOS.
+PHOTOS_ENV = "VIT_BENCH_PHOTOS"
 DEMO_REPO = ROOT / "model_repo"
 DEMO_MODEL = "demo-shapes"
 HOST = "127.0.0.1"
@@ -88,13 +91,21 @@ class Images:
     source: str  # where they came from, for the results
 
 
-def load_images(limit: int = 100) -> Images:
-    """The photos in ../shared/testdata/photos, or (up to) 20 generated 500x375 JPEGs."""
-    files = sorted(PHOTOS.glob("*.*"))[:limit] if PHOTOS.is_dir() else []
+def photos_folder() -> Path:
+    """The shared photos: $VIT_BENCH_PHOTOS where it is set, else ../shared/testdata/photos."""
+    where = os.environ.get(PHOTOS_ENV)
+    return Path(where) if where else PHOTOS
+
+
+def load_images(limit: int = 100, folder: Path | None = None) -> Images:
+    """The photos in `folder` (None: `photos_folder()`), or (up to) 20 generated 500x375 JPEGs
+    where it holds none."""
+    folder = folder or photos_folder()
+    files = sorted(folder.glob("*.*"))[:limit] if folder.is_dir() else []
     if files:
         bodies, names = [f.read_bytes() for f in files], [f.name for f in files]
-        return Images(bodies, names, f"{len(files)} photos from {PHOTOS}")
-    print(f"note: {PHOTOS} is absent; using generated 500x375 JPEGs instead")
+        return Images(bodies, names, f"{len(files)} photos from {shown(folder)}")
+    print(f"note: {folder} holds no photos; using generated 500x375 JPEGs instead")
     rng = np.random.default_rng(0)
     bodies = []
     for _ in range(min(limit, 20)):
@@ -103,7 +114,7 @@ def load_images(limit: int = 100) -> Images:
         Image.fromarray(pixels).save(buf, "JPEG", quality=90)
         bodies.append(buf.getvalue())
     names = [f"generated-{i:02d}.jpg" for i in range(len(bodies))]
-    source = f"{len(bodies)} generated 500x375 JPEGs (../shared/testdata/photos is absent)"
+    source = f"{len(bodies)} generated 500x375 JPEGs ({shown(folder)} holds no photos)"
     return Images(bodies, names, source)
 
 
@@ -469,9 +480,11 @@ def service(
     log: Path | None = None,
     name: str = "service",
     tree: Path = ROOT,
+    ready_timeout_s: float = 120.0,
 ) -> contextlib.AbstractContextManager[Server]:
     """`python -m app.server` over `repo`, `model` its default; `env`: VIT_SERVE_* overrides;
-    `tree`: the checkout whose `app` it runs (another commit's, to compare two)."""
+    `tree`: the checkout whose `app` it runs (another commit's, to compare two);
+    `ready_timeout_s`: how long it may take to be ready."""
     port = free_port()
     settings = {
         "VIT_SERVE_MODEL_REPO": str(repo),
@@ -483,7 +496,7 @@ def service(
     }
     cmd = [sys.executable, "-m", "app.server"]
     path = f"/classify?model={model}&top_k=5"
-    return running(name, cmd, settings, port, path, True, log, cwd=tree)
+    return running(name, cmd, settings, port, path, True, log, ready_timeout_s, cwd=tree)
 
 
 def naive_server(repo: Path, model: str) -> contextlib.AbstractContextManager[Server]:

@@ -155,6 +155,13 @@ class Settings(BaseSettings):
         description="TensorRT may run layers in float16 (logits then differ from float32 by "
         "~1e-3, ranking hardly ever)",
     )
+    cuda_tf32: bool = Field(
+        default=True,
+        description="the CUDA provider may run float32 matrix products in TF32 (ONNX Runtime's "
+        "`use_tf32`, on by default: about 10 mantissa bits, ViT-B/16's logits ~1e-2 from the "
+        "CPU's on an H200); false: exact float32, slower on Ampere and later GPUs. fp16 graphs "
+        "and TensorRT are not affected",
+    )
     # Not the model repository: it is mounted read-only in the deployments, and engines are
     # per GPU and per TensorRT version, not part of a model. /tmp is writable there (an
     # emptyDir in Kubernetes); mount a volume here to keep engines across restarts.

@@ -169,5 +169,5 @@ def execution_plan(settings: Settings, version: ModelVersion, rollout: bool) -> 
                 settings.trt_cache_dir, spec.name, version.version, files.model, key
             ),
         )
-    options = prov.provider_options(providers, tensorrt)
+    options = prov.provider_options(providers, tensorrt, cuda_tf32=settings.cuda_tf32)
     return ExecutionPlan(providers, options, profile, level, wanted, problems)

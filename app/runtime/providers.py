@@ -329,8 +329,13 @@ def tensorrt_options_key(profile: Profile, fp16: bool, platform: EnginePlatform)
     return f"{profile.min}|{profile.opt}|{profile.max}|fp16={fp16}|{platform.key()}"
 
 
-def cuda_options() -> dict[str, str]:
-    """CUDA provider options: the defaults, but for the device pinned.
+def cuda_options(tf32: bool = True) -> dict[str, str]:
+    """CUDA provider options: the defaults, but for the device pinned and TF32 said outright.
+
+    `use_tf32` (ONNX Runtime 1.18 on; on by default, `CUDAExecutionProviderInfo::use_tf32`)
+    is always written, so that the log line of a loaded graph says which float32 it runs:
+    TF32's products round their inputs to 10 mantissa bits, which is why fp32 on CUDA missed
+    the 1e-3 parity bound on an H200 (bench.gpu_check) and met it with TF32 off.
 
     Left at their defaults on purpose: `cudnn_conv_algo_search` (the graph has no convolution:
     the patch embedding is a MatMul over patches the service already cut out),
@@ -338,18 +343,19 @@ def cuda_options() -> dict[str, str]:
     one stream, which the IO binding relies on), `enable_cuda_graph` (needs fixed shapes, and
     the grids vary).
     """
-    return {"device_id": str(DEVICE_ID)}
+    return {"device_id": str(DEVICE_ID), "use_tf32": _flag(tf32)}
 
 
 def provider_options(
-    providers: Sequence[str], tensorrt: TensorrtConfig | None
+    providers: Sequence[str], tensorrt: TensorrtConfig | None, cuda_tf32: bool = True
 ) -> dict[str, dict[str, str]]:
-    """Options for each provider offered that has any (CPU takes the session's)."""
+    """Options for each provider offered that has any (CPU takes the session's); `cuda_tf32`:
+    the CUDA provider's TF32 (`Settings.cuda_tf32`)."""
     options: dict[str, dict[str, str]] = {}
     if TENSORRT in providers and tensorrt is not None:
         options[TENSORRT] = tensorrt_options(tensorrt)
     if CUDA in providers:
-        options[CUDA] = cuda_options()
+        options[CUDA] = cuda_options(cuda_tf32)
     return options
 
 

@@ -233,7 +233,8 @@ def test_tensorrt_options(tmp_path: Path) -> None:
         "trt_profile_opt_shapes": "patches:32x8x8x192",
         "trt_profile_max_shapes": "patches:32x16x16x192",
     }
-    assert cuda_options() == {"device_id": "0"}
+    assert cuda_options() == {"device_id": "0", "use_tf32": "1"}  # ONNX Runtime's default
+    assert cuda_options(tf32=False) == {"device_id": "0", "use_tf32": "0"}
 
 
 def test_engines_are_kept_per_graph_and_options(tmp_path: Path) -> None:
@@ -287,8 +288,8 @@ def test_the_plan_for_the_demo_model_on_a_gpu(
     assert trt["trt_fp16_enable"] == "0"
     assert trt["trt_profile_max_shapes"] == "patches:32x16x16x192"
     assert Path(trt["trt_engine_cache_path"]).parent == tmp_path / "demo-shapes" / "1"
-    assert plan.options[CUDA] == {"device_id": "0"}
-    assert plan.describe(CUDA) == f"{CUDA} (device_id=0)"
+    assert plan.options[CUDA] == {"device_id": "0", "use_tf32": "1"}
+    assert plan.describe(CUDA) == f"{CUDA} (device_id=0, use_tf32=1)"
     assert (plan.wanted, plan.problems) == (TENSORRT, {})
     key = tensorrt_options_key(plan.profile, False, H200)
     assert Path(trt["trt_engine_cache_path"]) == engine_cache_dir(
@@ -297,6 +298,21 @@ def test_the_plan_for_the_demo_model_on_a_gpu(
     rollout = execution_plan(settings, version, rollout=True)
     assert (rollout.providers, rollout.profile) == ([CUDA, CPU], None)
     assert set(rollout.options) == {CUDA}
+
+
+def test_exact_fp32_on_cuda_is_a_setting_that_reaches_every_cuda_session(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    gpu_machine(monkeypatch, driver=True, tensorrt=True)
+    monkeypatch.setenv("VIT_SERVE_CUDA_TF32", "false")
+    settings = Settings(model_repo=DEMO_REPO, trt_cache_dir=tmp_path)
+    assert settings.cuda_tf32 is False
+    for rollout in (False, True):  # the plain graph (CUDA after TensorRT) and the rollout graph
+        plan = execution_plan(settings, demo_version(), rollout=rollout)
+        assert plan.options[CUDA] == {"device_id": "0", "use_tf32": "0"}
+        assert "use_tf32" not in plan.options.get(TENSORRT, {})
+    monkeypatch.delenv("VIT_SERVE_CUDA_TF32")
+    assert Settings(model_repo=DEMO_REPO).cuda_tf32 is True  # the default kept
 
 
 def test_the_plan_on_a_cpu_has_no_options() -> None:
