@@ -40,6 +40,10 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements" / "serve.txt"
+# The device decoder's wheels (issue 24), from the GPU image's export, with --decoder: about
+# 150 MiB more, so five more parts; the check skips its decoder steps, saying why, without them.
+DECODER_LOCK = ROOT / "requirements" / "image-gpu.txt"
+DECODER = ("cvcuda-cu13", "nvidia-nvimgcodec-cu13", "nvidia-nvjpeg")
 PHOTOS = ROOT.parent / "shared" / "testdata" / "photos"
 WHEELS = ROOT / ".whl"
 PHOTO_COPY = ROOT / ".photos"
@@ -263,8 +267,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--python", default=PYTHON, help="the machine's Python, major.minor")
     p.add_argument("--photos", type=Path, default=PHOTOS, help="the shared photos' folder")
     p.add_argument("--part-mib", type=int, help="part size; default: what the tree leaves, <= 36")
+    p.add_argument("--decoder", action="store_true", help="and the device decoder's wheels")
     a = p.parse_args(argv)
     locked = locked_for(LOCK.read_text(), a.python)
+    if a.decoder:
+        extra = locked_for(DECODER_LOCK.read_text(), a.python)
+        locked += [entry for entry in extra if entry.name in DECODER]
     print(f"{len(locked)} locked packages for CPython {a.python} ({LOCK.relative_to(ROOT)})")
     wheels = download(locked, WHEELS, a.python)
     photos = copy_photos(a.photos, PHOTO_COPY)

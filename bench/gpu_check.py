@@ -67,12 +67,12 @@ import onnxruntime as ort
 
 from app.core.settings import Settings
 from app.models.repository import ModelVersion, scan_repository
-from app.runtime import native
+from app.runtime import decodemode, native
 from app.runtime import placement as plan
 from app.runtime.backends import OnnxBackend
 from app.runtime.providers import CPU, CUDA, TENSORRT, Placement
 from app.runtime.sessions import open_backend
-from bench import harness
+from bench import gpu_decode, harness
 from bench.gpu_graphs import GraphKit, model_repository
 from bench.loadgen import Clients, SpreadResult
 
@@ -159,6 +159,7 @@ class Report:
     parity: list[dict[str, Any]] = field(default_factory=list)
     raw: list[dict[str, Any]] = field(default_factory=list)  # one per (provider, precision)
     end_to_end: dict[str, Any] = field(default_factory=dict)
+    device_decode: dict[str, Any] = field(default_factory=dict)  # bench.gpu_decode's report
     skipped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -171,6 +172,7 @@ class Report:
             "parity": self.parity,
             "raw": self.raw,
             "end_to_end": self.end_to_end,
+            "device_decode": self.device_decode,
             "skipped": self.skipped,
             "errors": self.errors,
             "seconds": round(self.seconds, 1),
@@ -562,13 +564,17 @@ def serve_levels(
     return Served(env, round(start_s, 1), measured, entry)
 
 
+def photos_limit(plan: Plan) -> int:
+    return 10 if plan.smoke else 100
+
+
 def gpu_decode_problem(plan: Plan) -> str | None:
     """Why the end-to-end level with VIT_SERVE_DECODE=gpu cannot run here, or None."""
     if "decode" not in Settings.model_fields:
         return "VIT_SERVE_DECODE is not a setting of this checkout (app/core/settings.py)"
     if plan.smoke:
         return "the smoke run has no GPU"
-    return None
+    return decodemode.unavailable_reason()  # the decoder's wheels are an optional part
 
 
 def end_to_end(
@@ -874,6 +880,18 @@ def check(plan: Plan, workdir: Path, tensorrt: bool, photos: Path | None = None)
             if e2e["target"] is not None:
                 say("   " + target_line(e2e["target"]))
 
+    with phase(report, "the device decoder (bench.gpu_decode)"):
+        problem = gpu_decode_problem(plan)
+        if problem is not None and not plan.smoke:
+            report.skipped.append(f"the device decoder: {problem}")
+        elif clock.left < 30:
+            report.skipped.append("the device decoder (time budget)")
+        else:
+            # The smoke run exercises the same code with the Pillow stand-in.
+            decoded = gpu_decode.measure(plan.smoke, 0.5 if plan.smoke else 5.0, photos_limit(plan))
+            report.device_decode = harness.plain(decoded)
+            say(f"   {gpu_decode.summary(decoded)}")
+
     if use_tensorrt:
         with phase(report, "raw throughput on TensorRT (the service's own settings)"):
             for fp16 in (True, False):
@@ -964,6 +982,15 @@ def summary(report: Report) -> list[str]:
         )
     if target:
         lines.append(target_line(target))
+    decoder = report.device_decode
+    if decoder:
+        parity = decoder["parity"]
+        runs = decoder["throughput"]
+        speeds = ", ".join(f"{t['decoder']} {t['images_per_s']} img/s" for t in runs)
+        lines.append(
+            f"device decoder ({decoder['mode']}): patches against Pillow's mean "
+            f"{parity['mean_abs']}, p99 {parity['p99_abs']} levels; {speeds}"
+        )
     lines += [f"skipped: {s}" for s in report.skipped]
     lines += [f"error: {e}" for e in report.errors]
     return lines

@@ -205,6 +205,17 @@ def measure(cpu_smoke: bool = False, seconds: float = 5.0, limit: int = 100) -> 
     )
 
 
+def summary(report: Report) -> str:
+    """One line: the parity against its targets and each decoder's img/s."""
+    p = report.parity
+    speeds = ", ".join(f"{t.decoder} {t.images_per_s} img/s" for t in report.throughput)
+    verdict = "met" if p.within_targets else "NOT met"
+    return (
+        f"device decode ({report.mode}) parity over {p.images} photos: mean {p.mean_abs}, "
+        f"p99 {p.p99_abs} (targets {MEAN_TARGET}, {P99_TARGET}: {verdict}); {speeds}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="the Pillow stand-in, on a CPU")
@@ -215,14 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     report = measure(args.cpu_smoke, args.seconds, args.limit)
     notes: dict[str, Any] = {"mode": report.mode}
     write_results(args.out, report, notes)
-    p = report.parity
     print(f"routed: {report.routed}")
-    print(
-        f"parity over {p.images} photos: mean {p.mean_abs}, p99 {p.p99_abs}, max {p.max_abs} "
-        f"(targets {MEAN_TARGET} and {P99_TARGET}): {'met' if p.within_targets else 'NOT met'}"
-    )
-    for t in report.throughput:
-        print(f"{t.decoder}: {t.images_per_s} img/s ({t.images} in {t.seconds} s)")
+    print(summary(report))
 
 
 if __name__ == "__main__":
