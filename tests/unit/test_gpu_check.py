@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from app.core.settings import Settings
+from app.runtime import decodemode
 from bench import gpu_check
 from bench.gpu_graphs import FORMS, SIZES, GraphKit, materialise, model_repository
 
@@ -169,21 +170,23 @@ def test_the_sweeps_target_is_70_percent_of_the_lower_limit_with_no_errors() -> 
     assert gpu_check.sweep_target(gpu_check.Report(gpu_check.Plan.make(False, None))) is None
 
 
-def test_gpu_decoding_runs_only_where_the_setting_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_decoding_runs_only_where_the_setting_and_the_decoder_exist(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     gpu = gpu_check.Plan.make(smoke=False, budget_s=None)
     smoke = gpu_check.Plan.make(smoke=True, budget_s=None)
-
-    class WithDecode(Settings):  # as the branch adding GPU decoding has it
-        decode: str = "cpu"
 
     class WithoutDecode:  # a checkout from before it
         model_fields: ClassVar[dict[str, object]] = {"workers": None}
 
-    monkeypatch.setattr(gpu_check, "Settings", WithoutDecode)
-    assert "VIT_SERVE_DECODE is not a setting" in str(gpu_check.gpu_decode_problem(gpu))
-    monkeypatch.setattr(gpu_check, "Settings", WithDecode)
+    # The decoder's wheels are an optional part of the bundle: without them, the reason.
+    monkeypatch.setattr(decodemode, "unavailable_reason", lambda: "no cvcuda here")
+    assert gpu_check.gpu_decode_problem(gpu) == "no cvcuda here"
+    monkeypatch.setattr(decodemode, "unavailable_reason", lambda: None)
     assert gpu_check.gpu_decode_problem(gpu) is None
     assert gpu_check.gpu_decode_problem(smoke) == "the smoke run has no GPU"
+    monkeypatch.setattr(gpu_check, "Settings", WithoutDecode)
+    assert "VIT_SERVE_DECODE is not a setting" in str(gpu_check.gpu_decode_problem(gpu))
 
 
 # --- the graph kits ------------------------------------------------------------------------------
