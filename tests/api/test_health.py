@@ -50,6 +50,9 @@ async def test_models_describes_each_model(client: httpx.AsyncClient) -> None:
     assert response.status_code == 200
     (model,) = response.json()["models"]
     placement, wanted, fallback = model["placement"], model["wanted_provider"], model["fallback"]
+    # The client's app is shared: what earlier tests sent is counted, all of it on the CPU path.
+    decoded = model["decode"]["images"]
+    assert set(decoded) <= {"cpu/off"}
     assert response.json() == {
         "default_model": "tiny",
         "models": [
@@ -69,6 +72,11 @@ async def test_models_describes_each_model(client: httpx.AsyncClient) -> None:
                     "resize_mode": "shorter_side",
                     "crop_pct": 0.875,
                     "interpolation": "bicubic",
+                },
+                "decode": {
+                    "where": "cpu",
+                    "decoder": "no model version runs on a GPU (CUDA or TensorRT)",
+                    "images": decoded,
                 },
                 "provider": "CPUExecutionProvider",
                 "placement": placement,
