@@ -45,6 +45,10 @@ FEEDER = (sys.executable, "-m", "bench.engine_ceiling", "--feed")
 class Round:
     img_per_s: float
     engine_cpu_ms_per_image: float
+    # The engine's CPU by thread group (bench.harness.THREAD_GROUPS): its event loop (the
+    # messages, admission, the batcher) and its inference thread (stacking, the softmax, the
+    # simulated run).
+    engine_by_group: dict[str, float]
     feeders_cpu_ms_per_image: float
     mean_batch_size: float | None
     errors: int
@@ -140,6 +144,7 @@ def one_round(
         if line != "go":
             raise RuntimeError(f"a feeder did not start: {line!r}")
     engine0 = harness.cpu_seconds(engine_pid)
+    threads0 = harness.thread_cpu(engine_pid)
     batches0, images0 = batch_mean(metrics)
     started = time.monotonic()
     results = []
@@ -150,6 +155,7 @@ def one_round(
         results.append(json.loads(out.strip().splitlines()[-1]))
     elapsed = time.monotonic() - started
     engine_s = harness.cpu_seconds(engine_pid) - engine0
+    threads1 = harness.thread_cpu(engine_pid)
     batches1, images1 = batch_mean(metrics)
     images = sum(r["images"] for r in results)
     if images == 0:
@@ -157,6 +163,12 @@ def one_round(
     return Round(
         img_per_s=round(images / max(elapsed, seconds), 1),
         engine_cpu_ms_per_image=round(1e3 * engine_s / images, 4),
+        engine_by_group={
+            group: round(1e3 * seconds / images, 4)
+            for group, seconds in harness.thread_groups(
+                harness.thread_cpu_between(threads0, threads1), engine_pid
+            ).items()
+        },
         feeders_cpu_ms_per_image=round(1e3 * sum(r["cpu_s"] for r in results) / images, 4),
         mean_batch_size=round((images1 - images0) / (batches1 - batches0), 2)
         if batches1 > batches0
@@ -228,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     report = run(args.feeders, args.concurrency, args.seconds, args.rounds)
     for r in report.rounds:
         print(
-            f"{r.img_per_s:8.1f} img/s  engine {r.engine_cpu_ms_per_image:.3f} ms/img  "
+            f"{r.img_per_s:8.1f} img/s  engine {r.engine_cpu_ms_per_image:.3f} ms/img "
+            f"{r.engine_by_group}  "
             f"feeders {r.feeders_cpu_ms_per_image:.3f} ms/img  mean batch {r.mean_batch_size}  "
             f"errors {r.errors}"
         )

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,6 +44,7 @@ from app.engine.batches import (
     OverloadedError,
     Refused,
     ShuttingDownError,
+    Stacker,
     first_error_or_all,
     not_served,
     run_decoded,
@@ -153,6 +154,7 @@ class Batcher:
             for i in range(len(self._lanes))
         ]
         self.observer: BatchObserver | None = None
+        self._stackers = [Stacker() for _ in self._lanes]  # each lane's batch buffer
         # Decodes the encoded items' batches (the engine's, where VIT_SERVE_DECODE serves).
         self.decoder: DeviceDecoder | None = None
 
@@ -212,10 +214,13 @@ class Batcher:
                 raise NotServedError(
                     f"model '{key.model}' version {key.version} has no rollout graph"
                 )
-            if grid_of(patches) != key.grid or key.encoded != isinstance(patches, EncodedImage):
+            if key.encoded:
+                if not isinstance(patches, EncodedImage) or patches.grid != key.grid:
+                    raise ValueError(f"an image of grid {grid_of(patches)} under key {key}")
+                if self.decoder is None or key.rollout is not None:
+                    raise ValueError(f"encoded images under key {key}, and no device decoder")
+            elif isinstance(patches, EncodedImage) or patches.shape[:2] != key.grid:
                 raise ValueError(f"an image of grid {grid_of(patches)} under key {key}")
-            if key.encoded and (self.decoder is None or key.rollout is not None):
-                raise ValueError(f"encoded images under key {key}, and no device decoder for it")
         futures: list[asyncio.Future[Output]] = []
         for key, patches in requests:
             item = _Item(key=key, patches=patches, future=loop.create_future(), seq=next(self._seq))
@@ -354,12 +359,14 @@ class Batcher:
             encoded = [i for i in images if isinstance(i, EncodedImage)]
             job = functools.partial(run_decoded, plain, self.decoder, encoded, waits)
         else:
-            patches = [i for i in images if not isinstance(i, EncodedImage)]
+            patches = cast(list[NDArray[np.uint8]], images)  # `submit` keyed them so
             if key.rollout is None:
-                job = functools.partial(run_plain, plain, patches, waits)
+                job = functools.partial(run_plain, plain, patches, waits, self._stackers[lane])
             else:
                 assert rollout is not None
-                job = functools.partial(run_rollout, rollout, key.rollout, patches, waits)
+                job = functools.partial(
+                    run_rollout, rollout, key.rollout, patches, waits, self._stackers[lane]
+                )
         loop = asyncio.get_running_loop()
         try:
             outputs: Sequence[Output | Refused] = await loop.run_in_executor(
@@ -379,12 +386,12 @@ class Batcher:
                 error.__cause__ = exc
                 _answer(item, error)
         else:
-            ran = []
+            ran = len(batch)
             for item, output in zip(batch, outputs, strict=True):
-                if isinstance(output, Refused):
+                if isinstance(output, Refused):  # only a device decoder's batch has these
                     _answer(item, DecodeRefusedError(output.reason))
+                    ran -= 1
                 else:
                     _answer(item, output)
-                    ran.append(item)
             if self.observer is not None and ran:
-                self.observer.batch_done(key, len(ran), time.perf_counter() - started)
+                self.observer.batch_done(key, ran, time.perf_counter() - started)

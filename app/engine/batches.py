@@ -123,20 +123,47 @@ def _check_rows(what: str, rows: int, items: int) -> None:
         raise ValueError(f"backend returned {rows} {what} rows for {items} items")
 
 
+class Stacker:
+    """One lane's batch buffer: a batch's patches are stacked into memory kept from the batch
+    before, not into a fresh allocation each time (megabytes, which the allocator maps anew and
+    the kernel faults in page by page). One per lane: its thread runs one batch at a time, and
+    a backend holds no input past its run."""
+
+    def __init__(self) -> None:
+        self._memory = np.empty(0, dtype=np.uint8)
+
+    def stack(self, patches: Sequence[Patches]) -> Patches:
+        shape = (len(patches), *patches[0].shape)
+        size = int(np.prod(shape))
+        if size > self._memory.size:
+            self._memory = np.empty(size, dtype=np.uint8)
+        out = self._memory[:size].reshape(shape)
+        np.stack(patches, out=out)
+        return out
+
+
 # Both run in the inference thread: stacking copies megabytes, not for the event loop; and so
 # does the softmax of the whole batch.
-def run_plain(backend: Backend, patches: list[Patches], waits: list[float]) -> list[Output]:
+def run_plain(
+    backend: Backend, patches: list[Patches], waits: list[float], stacker: Stacker | None = None
+) -> list[Output]:
     """`waits`: each image's seconds in the queue, given back with its output."""
-    logits = backend.run(np.stack(patches))  # (B, grid_h, grid_w, P*P*C) -> (B, classes)
+    batch = np.stack(patches) if stacker is None else stacker.stack(patches)
+    logits = backend.run(batch)  # (B, grid_h, grid_w, P*P*C) -> (B, classes)
     _check_rows("logits", logits.shape[0], len(patches))
     rows = zip(logits, softmax(logits), waits, strict=True)
     return [Output(row, p, None, wait) for row, p, wait in rows]
 
 
 def run_rollout(
-    backend: RolloutBackend, params: RolloutParams, patches: list[Patches], waits: list[float]
+    backend: RolloutBackend,
+    params: RolloutParams,
+    patches: list[Patches],
+    waits: list[float],
+    stacker: Stacker | None = None,
 ) -> list[Output]:
-    logits, maps = backend.run(np.stack(patches), params)  # (B, classes), (B, grid_h, grid_w)
+    batch = np.stack(patches) if stacker is None else stacker.stack(patches)
+    logits, maps = backend.run(batch, params)  # (B, classes), (B, grid_h, grid_w)
     _check_rows("logits", logits.shape[0], len(patches))
     _check_rows("rollout", maps.shape[0], len(patches))
     rows = zip(logits, maps, softmax(logits), waits, strict=True)

@@ -42,8 +42,21 @@ class _FrontEnd:
     # By job id: each image's future, or the one task of a job with encoded images.
     jobs: dict[int, list[asyncio.Future[Any]]] = field(default_factory=dict)
 
+    answered: list[list[Any]] = field(default_factory=list)  # [job id, waits], this turn
+
     def send(self, message: dict[str, Any]) -> None:
         self.link.send(message)
+
+    def answer(self, ident: int, waits: list[float]) -> None:
+        """A job done: its answer goes with the others done in this turn of the loop, in one
+        message (a batch's jobs end together)."""
+        if not self.answered:
+            asyncio.get_running_loop().call_soon(self._send_answers)
+        self.answered.append([ident, waits])
+
+    def _send_answers(self) -> None:
+        jobs, self.answered = self.answered, []
+        self.link.send({"op": "done", "jobs": jobs})
 
 
 def _receive_hello(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
@@ -181,9 +194,10 @@ class EngineHost:
                     }
                 )
             elif op == "release":
-                held = front.permits.pop(int(message["permit"]), None)
-                if held is not None:
-                    held.release()
+                for number in message["permits"]:
+                    held = front.permits.pop(int(number), None)
+                    if held is not None:
+                        held.release()
             elif op == "infer":
                 self._infer(front, message)
             elif op == "cancel":
@@ -220,22 +234,24 @@ class EngineHost:
             permit = front.permits.get(int(message["permit"]))
             if permit is None:
                 raise RuntimeError("a job under a permit this front end does not hold")
+            sizes = message.get("encoded_bytes")
             layout = Layout(
                 grids=tuple((int(h), int(w)) for h, w in message["grids"]),
                 patch_dim=int(message["patch_dim"]),
                 classes=int(message["classes"]),
                 rollout=message["rollout"] is not None,
-                encoded=tuple(int(n) for n in message.get("encoded_bytes", ())),
+                encoded=tuple(int(n) for n in sizes) if sizes else (),
             )
             block = int(message["block"])
-            # The encoded images' bytes are copied out of the block: the decoder may hold
-            # them past a cancellation, when the front end frees the block.
-            encoded = [
-                wire.encoded_from(plan, bytes(data))
-                for plan, data in zip(
-                    message.get("encoded", ()), front.arena.encoded(block, layout), strict=True
-                )
-            ]
+            encoded = []
+            if sizes:
+                # The encoded images' bytes are copied out of the block: the decoder may hold
+                # them past a cancellation, when the front end frees the block.
+                views = front.arena.encoded(block, layout)
+                encoded = [
+                    wire.encoded_from(plan, bytes(data))
+                    for plan, data in zip(message["encoded"], views, strict=True)
+                ]
             job = Job(
                 front.arena.patches(block, layout),
                 wire.rollout_from(message["rollout"]),
@@ -305,7 +321,7 @@ class EngineHost:
             log.exception("a job's outputs could not be written back")
             front.send({"id": ident, "error": wire.error_of(exc)})
             return
-        front.send({"id": ident, "waits": waits})
+        front.answer(ident, waits)
 
     async def _infer_encoded(
         self, front: _FrontEnd, ident: int, block: int, layout: Layout, permit: Permit, job: Job

@@ -50,6 +50,8 @@ class RemoteEngine:
         self.arena = Arena.create(arena_bytes)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._held: set[int] = set()  # permit numbers the engine now connected gave
+        self._releases: list[int] = []  # to send at the end of this turn of the loop
         self._link: wire.Link | None = None
         self._readiness = Readiness(False, AWAY_MESSAGE, loaded=False)
         self._description = Description(None, (), (), None)
@@ -121,6 +123,8 @@ class RemoteEngine:
 
     def _lost(self, link: wire.Link) -> None:
         self._link = None
+        self._held.clear()
+        self._releases.clear()
         self._connected.clear()
         link.close()
         self._readiness = Readiness(False, AWAY_MESSAGE, loaded=False)
@@ -138,6 +142,12 @@ class RemoteEngine:
             self._description = wire.description_from(message["description"])
             if op == "welcome":
                 self._connected.set()
+            return
+        if op == "done":  # the jobs answered in one turn of the engine's loop
+            for ident, waits in message["jobs"]:
+                done = self._pending.pop(int(ident), None)
+                if done is not None and not done.done():
+                    done.set_result({"waits": waits})
             return
         future = self._pending.pop(int(message["id"]), None)
         if future is not None and not future.done():
@@ -180,11 +190,24 @@ class RemoteEngine:
     async def admit(self, model: str | None, version: int | None) -> Permit:
         answer = await self._call({"op": "admit", "model": model, "version": version})
         served = self._served(answer["name"], int(answer["version"]))
-        return Permit(int(answer["permit"]), served, self._release)
+        number = int(answer["permit"])
+        self._held.add(number)
+        return Permit(number, served, self._release)
 
     def _release(self, permit: Permit) -> None:
-        with contextlib.suppress(NotReadyError):  # a new engine holds no place of ours
-            self._send({"op": "release", "permit": permit.number})
+        if permit.number not in self._held:
+            return  # a place of an engine since restarted: the new one holds none of ours
+        self._held.discard(permit.number)
+        # The places freed in one turn of the loop go back in one message (a batch's answers
+        # arrive together, and so do the requests they finish).
+        if not self._releases:
+            asyncio.get_running_loop().call_soon(self._send_releases)
+        self._releases.append(permit.number)
+
+    def _send_releases(self) -> None:
+        permits, self._releases = self._releases, []
+        with contextlib.suppress(NotReadyError):
+            self._send({"op": "release", "permits": permits})
 
     async def lookup(self, model: str | None, version: int | None) -> ServedVersion:
         answer = await self._call({"op": "lookup", "model": model, "version": version})

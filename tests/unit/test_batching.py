@@ -18,6 +18,7 @@ from app.engine.batches import (
     Output,
     OverloadedError,
     ShuttingDownError,
+    Stacker,
 )
 from tests.fakes import MODEL, SQUARE, WIDE, D, GatedBackend, deadline_in, ident, image
 
@@ -256,3 +257,19 @@ async def test_a_cancelled_request_frees_its_queue_slot() -> None:
         await first
         assert [ident(r) for r in await kept] == [3]
         assert h.backend.batch_sizes == [1, 1]  # the cancelled images never ran
+
+
+def test_a_lanes_batches_are_stacked_into_the_memory_of_the_batch_before() -> None:
+    stacker = Stacker()
+    rng = np.random.default_rng(3)
+    big = [rng.integers(0, 256, (4, 4, 12), dtype=np.uint8) for _ in range(3)]
+    first = stacker.stack(big)
+    np.testing.assert_array_equal(first, np.stack(big))
+    small = [rng.integers(0, 256, (2, 3, 12), dtype=np.uint8) for _ in range(2)]
+    second = stacker.stack(small)
+    np.testing.assert_array_equal(second, np.stack(small))
+    assert np.shares_memory(first, second)  # no new allocation for a batch that fits
+    bigger = [rng.integers(0, 256, (8, 8, 12), dtype=np.uint8) for _ in range(4)]
+    third = stacker.stack(bigger)
+    np.testing.assert_array_equal(third, np.stack(bigger))
+    assert not np.shares_memory(second, third)  # grown once, for the larger batch
