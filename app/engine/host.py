@@ -59,6 +59,14 @@ class _FrontEnd:
         self.link.send({"op": "done", "jobs": jobs})
 
 
+def _refuse(front: _FrontEnd, ident: Any, exc: BaseException, what: str) -> None:
+    """A failed operation's answer: its error, raised again as its own class on the other
+    side; logged here unless it is one of the service's (a 4xx or 503 that says why)."""
+    if not isinstance(exc, ServiceError):
+        log.error("%s failed in the engine", what, exc_info=exc)
+    front.send({"id": ident, "error": wire.error_of(exc)})
+
+
 def _receive_hello(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """The first message and the descriptors that came with it (blocking; in a thread)."""
     conn.setblocking(True)
@@ -220,13 +228,10 @@ class EngineHost:
                 )
             else:
                 raise wire.ProtocolError(f"unknown operation {op!r}")
-        except ServiceError as exc:
-            front.send({"id": ident, "error": wire.error_of(exc)})
         except wire.ProtocolError:
             raise
         except Exception as exc:
-            log.exception("engine operation %s failed", op)
-            front.send({"id": ident, "error": wire.error_of(exc)})
+            _refuse(front, ident, exc, f"operation {op!r}")
 
     def _infer(self, front: _FrontEnd, message: dict[str, Any]) -> None:
         ident = int(message["id"])
@@ -265,12 +270,8 @@ class EngineHost:
                 front.jobs[ident] = [task]
                 return
             futures = self.engine.submit(permit, job)
-        except ServiceError as exc:
-            front.send({"id": ident, "error": wire.error_of(exc)})
-            return
         except Exception as exc:
-            log.exception("a job failed in the engine")
-            front.send({"id": ident, "error": wire.error_of(exc)})
+            _refuse(front, ident, exc, "a job")
             return
         front.jobs[ident] = futures
         waiting = len(futures)
@@ -301,9 +302,7 @@ class EngineHost:
                 return
             exc = future.exception()
             if exc is not None:
-                if not isinstance(exc, ServiceError):
-                    log.error("a job failed in the engine", exc_info=exc)
-                front.send({"id": ident, "error": wire.error_of(exc)})
+                _refuse(front, ident, exc, "a job")
                 return
         try:
             logits = front.arena.logits(block, layout)
@@ -318,8 +317,7 @@ class EngineHost:
                     maps[i][...] = output.rollout
                 waits.append(output.queued_s)
         except Exception as exc:
-            log.exception("a job's outputs could not be written back")
-            front.send({"id": ident, "error": wire.error_of(exc)})
+            _refuse(front, ident, exc, "writing a job's outputs back")
             return
         front.answer(ident, waits)
 
@@ -349,11 +347,8 @@ class EngineHost:
             front.send({"id": ident, "waits": waits, "refused": refused})
         except asyncio.CancelledError:
             front.send({"id": ident, "error": {"type": "", "message": "cancelled"}})
-        except ServiceError as exc:
-            front.send({"id": ident, "error": wire.error_of(exc)})
         except Exception as exc:
-            log.exception("a job failed in the engine")
-            front.send({"id": ident, "error": wire.error_of(exc)})
+            _refuse(front, ident, exc, "a job")
         finally:
             front.jobs.pop(ident, None)
 
@@ -371,19 +366,15 @@ class EngineHost:
                 patches = np.frombuffer(message["patches"], np.uint8).reshape(message["shape"])
                 size = (int(message["image_size"][0]), int(message["image_size"][1]))
                 result = await self.engine.attention_distance(permit, patches, size)
-        except ServiceError as exc:
-            front.send({"id": ident, "error": wire.error_of(exc)})
-            return
         except Exception as exc:
-            log.exception("introspection failed in the engine")
-            front.send({"id": ident, "error": wire.error_of(exc)})
+            _refuse(front, ident, exc, "introspection")
             return
         front.send({"id": ident, "result": result})
 
     async def _reload(self, front: _FrontEnd, ident: Any) -> None:
         try:
             report = await self.engine.reload()
-        except ServiceError as exc:
-            front.send({"id": ident, "error": wire.error_of(exc)})
+        except Exception as exc:
+            _refuse(front, ident, exc, "a reload")
             return
         front.send({"id": ident, "report": wire.report_of(report)})
