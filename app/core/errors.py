@@ -36,6 +36,18 @@ class ServiceError(Exception):
         self.message = message
 
 
+def service_errors() -> dict[str, type[ServiceError]]:
+    """Every error class of the service defined so far (ServiceError and its subclasses, in
+    the modules imported), by name: the engine's wire raises them again by name."""
+    found: dict[str, type[ServiceError]] = {}
+    pending: list[type[ServiceError]] = [ServiceError]
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
 class RequestError(ServiceError):
     """Something in what the client sent; the message says what to change."""
 

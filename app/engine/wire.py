@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import msgpack
 
-from app.core.errors import ServiceError
+from app.core.errors import ServiceError, service_errors
 from app.engine.engine import (
     Description,
     ModelDescription,
@@ -136,16 +136,6 @@ class Link(asyncio.Protocol):
 # --- errors ------------------------------------------------------------------------------------
 
 
-def _service_errors() -> dict[str, type[ServiceError]]:
-    found: dict[str, type[ServiceError]] = {}
-    pending: list[type[ServiceError]] = [ServiceError]
-    while pending:
-        cls = pending.pop()
-        found[cls.__name__] = cls
-        pending.extend(cls.__subclasses__())
-    return found
-
-
 def error_of(exc: BaseException) -> dict[str, str]:
     if isinstance(exc, ServiceError):
         return {"type": type(exc).__name__, "message": exc.message}
@@ -155,7 +145,7 @@ def error_of(exc: BaseException) -> dict[str, str]:
 def raise_error(error: dict[str, str]) -> None:
     """The engine's error raised again here, as its own class where it is one of the service's
     (so every door maps it to the same status); RuntimeError (a 500) otherwise."""
-    cls = _service_errors().get(error.get("type", ""))
+    cls = service_errors().get(error.get("type", ""))
     if cls is None:
         raise RuntimeError(error.get("message", "the engine failed"))
     raise cls(error.get("message", ""))

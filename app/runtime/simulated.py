@@ -195,8 +195,8 @@ def _occupy(curve: BatchCurve, patches: NDArray[np.uint8], started: float) -> No
     DEVICE.occupy(curve.seconds(batch, gh * gw), started)
 
 
-class SimulatedBackend:
-    """The `Backend` of one model version on the simulated accelerator."""
+class _OnTheCurve:
+    """A model version's session on the simulated accelerator: its spec, the curve, where."""
 
     def __init__(self, spec: ModelSpec, curve: BatchCurve) -> None:
         self.spec = spec
@@ -210,6 +210,10 @@ class SimulatedBackend:
     @property
     def placements(self) -> list[Placement]:
         return [self.placement]
+
+
+class SimulatedBackend(_OnTheCurve):
+    """The `Backend` of one model version on the simulated accelerator."""
 
     def run(self, patches: NDArray[np.uint8]) -> NDArray[np.float32]:
         """(B, grid_h, grid_w, P*P*C) uint8 -> (B, num_classes) float32, after the curve's time."""
@@ -219,23 +223,10 @@ class SimulatedBackend:
         return logits
 
 
-class SimulatedRolloutBackend:
+class SimulatedRolloutBackend(_OnTheCurve):
     """The `RolloutBackend` of one model version on the simulated accelerator: the plain graph's
     logits and a rollout map, after the same time (the rollout's own extra cost is not in the
     curve). The rollout parameters change nothing."""
-
-    def __init__(self, spec: ModelSpec, curve: BatchCurve) -> None:
-        self.spec = spec
-        self.curve = curve
-        self.placement = Placement(SIMULATED, wanted=SIMULATED)
-
-    @property
-    def provider(self) -> str:
-        return SIMULATED
-
-    @property
-    def placements(self) -> list[Placement]:
-        return [self.placement]
 
     def run(
         self, patches: NDArray[np.uint8], params: RolloutParams

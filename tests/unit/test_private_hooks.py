@@ -43,23 +43,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 import app.main  # noqa: F401 (every module that defines one of the service's errors)
-from app.core.errors import ServiceError
+from app.core.errors import service_errors
 from app.http.direct import DirectRoute
 from app.http.errors import install_error_handlers
 from tests.unit.test_connections import GET, FakeTransport, Server
 
-
-def _service_errors() -> list[type[Exception]]:
-    found: list[type[Exception]] = []
-    pending: list[type[ServiceError]] = [ServiceError]
-    while pending:
-        cls = pending.pop()
-        found.append(cls)
-        pending.extend(cls.__subclasses__())
-    return found
-
-
-STATUS_OF = _service_errors()  # every error the service answers with a status
+STATUS_OF = list(service_errors().values())  # every error the service answers with a status
 PROTOCOL = "app/transport/httptools.py"
 DIRECT = "app/http/direct.py"
 
