@@ -74,10 +74,18 @@ class NvDecoder:
             kinds.insert(0, nvimgcodec.BackendKind.HW_GPU_ONLY)
         self.hardware = hardware
         self._decoder = nvimgcodec.Decoder(
-            device_id=prov.DEVICE_ID, backends=[nvimgcodec.Backend(kind) for kind in kinds]
+            device_id=prov.DEVICE_ID,
+            backends=[nvimgcodec.Backend(kind) for kind in kinds],
+            # Chroma upsampled as libjpeg (Pillow's) does by default, not by replication:
+            # the CPU path's patches are the reference (issue 24's parity).
+            options=":fancy_upsampling=1",
         )
+        # sRGB, interleaved RGB: a grayscale JPEG comes out with three equal channels, as the
+        # CPU path's convert("RGB") makes it.
         self._params = nvimgcodec.DecodeParams(
-            apply_exif_orientation=True, color_spec=nvimgcodec.ColorSpec.RGB
+            apply_exif_orientation=True,
+            color_spec=nvimgcodec.ColorSpec.SRGB,
+            sample_format=nvimgcodec.SampleFormat.I_RGB,
         )
         self._stream = cvcuda.Stream()
         options = ort.SessionOptions()
@@ -101,9 +109,8 @@ class NvDecoder:
         stream = self._stream
         outcome = DecodedBatch(accepted=[])
         try:
-            decoded = self._decoder.decode(
-                [image.data for image in images], params=self._params, cuda_stream=stream.handle
-            )
+            streams = [self._nvimgcodec.CodeStream(image.data) for image in images]
+            decoded = self._decoder.decode(streams, params=self._params, cuda_stream=stream.handle)
         except Exception as exc:  # the whole batch refused: each goes the CPU path
             log.warning("nvImageCodec failed on a batch of %d: %s", len(images), exc)
             outcome.refused = {i: f"nvImageCodec: {exc}" for i in range(len(images))}
@@ -132,7 +139,9 @@ class NvDecoder:
             outcome.accepted.append(i)
         if not tensors:
             return outcome
-        stacked = cvcuda.stack(tensors, stream=stream)  # [A, H, W, 3]
+        batch = cvcuda.TensorBatch(len(tensors))
+        batch.pushback(tensors)
+        stacked = cvcuda.stack(batch, stream=stream)  # [A, H, W, 3]; one shape: one grid
         stream.sync()  # ONNX Runtime's stream reads what CV-CUDA's wrote
         outcome.device = self._patchified(stacked, images[outcome.accepted[0]])
         return outcome
