@@ -5,7 +5,9 @@ conftest.py). No PyTorch here or in anything it imports: the service's tests run
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ import httpx
 import pytest
 
 from app.core.settings import Settings
+from app.engine import Engine, EngineHost, RemoteEngine
 from app.main import create_app
 from app.models.spec import Architecture, ModelSpec, Preprocess, Source, contract_tensors
 from app.runtime.devicedecode import DeviceDecoder
@@ -97,3 +100,21 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@contextlib.asynccontextmanager
+async def remote_of(engine: Engine) -> AsyncIterator[RemoteEngine]:
+    """`engine` started behind its host, and a front end's RemoteEngine connected to it over
+    their Unix socket (both in this process); all stopped after the block."""
+    host = EngineHost(engine)
+    address = f"@vit-serve-test-host-{os.getpid()}-{time.monotonic_ns()}"
+    engine.start()
+    await host.start(address)
+    remote = RemoteEngine(address, 1 << 22)
+    try:
+        await remote.start(10.0)
+        yield remote
+    finally:
+        await remote.stop()
+        await host.stop()
+        await engine.stop()

@@ -145,11 +145,10 @@ class Stacker:
 # Both run in the inference thread: stacking copies megabytes, not for the event loop; and so
 # does the softmax of the whole batch.
 def run_plain(
-    backend: Backend, patches: list[Patches], waits: list[float], stacker: Stacker | None = None
+    backend: Backend, patches: list[Patches], waits: list[float], stacker: Stacker
 ) -> list[Output]:
     """`waits`: each image's seconds in the queue, given back with its output."""
-    batch = np.stack(patches) if stacker is None else stacker.stack(patches)
-    logits = backend.run(batch)  # (B, grid_h, grid_w, P*P*C) -> (B, classes)
+    logits = backend.run(stacker.stack(patches))  # (B, grid_h, grid_w, P*P*C) -> (B, classes)
     _check_rows("logits", logits.shape[0], len(patches))
     rows = zip(logits, softmax(logits), waits, strict=True)
     return [Output(row, p, None, wait) for row, p, wait in rows]
@@ -160,10 +159,9 @@ def run_rollout(
     params: RolloutParams,
     patches: list[Patches],
     waits: list[float],
-    stacker: Stacker | None = None,
+    stacker: Stacker,
 ) -> list[Output]:
-    batch = np.stack(patches) if stacker is None else stacker.stack(patches)
-    logits, maps = backend.run(batch, params)  # (B, classes), (B, grid_h, grid_w)
+    logits, maps = backend.run(stacker.stack(patches), params)  # (B, classes), (B, grid_h, grid_w)
     _check_rows("logits", logits.shape[0], len(patches))
     _check_rows("rollout", maps.shape[0], len(patches))
     rows = zip(logits, maps, softmax(logits), waits, strict=True)

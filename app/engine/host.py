@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,28 @@ def _refuse(front: _FrontEnd, ident: Any, exc: BaseException, what: str) -> None
     if not isinstance(exc, ServiceError):
         log.error("%s failed in the engine", what, exc_info=exc)
     front.send({"id": ident, "error": wire.error_of(exc)})
+
+
+def _write_back(
+    arena: Arena, block: int, layout: Layout, outcomes: Sequence[Output | Refused]
+) -> tuple[list[float], list[list[Any]]]:
+    """A job's outputs into its block, row by row; each row's queue wait (0 where refused),
+    and the refused rows with their reasons."""
+    logits = arena.logits(block, layout)
+    probs = arena.probs(block, layout)
+    maps = arena.rollouts(block, layout) if layout.rollout else []
+    waits = [0.0] * len(outcomes)
+    refused: list[list[Any]] = []
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, Refused):
+            refused.append([i, outcome.reason])
+            continue
+        logits[i] = outcome.logits
+        probs[i] = outcome.probs
+        if layout.rollout and outcome.rollout is not None:
+            maps[i][...] = outcome.rollout
+        waits[i] = outcome.queued_s
+    return waits, refused
 
 
 def _receive_hello(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
@@ -305,17 +328,7 @@ class EngineHost:
                 _refuse(front, ident, exc, "a job")
                 return
         try:
-            logits = front.arena.logits(block, layout)
-            probs = front.arena.probs(block, layout)
-            maps = front.arena.rollouts(block, layout) if layout.rollout else []
-            waits = []
-            for i, future in enumerate(futures):
-                output = future.result()
-                logits[i] = output.logits
-                probs[i] = output.probs
-                if layout.rollout and output.rollout is not None:
-                    maps[i][...] = output.rollout
-                waits.append(output.queued_s)
+            waits, _ = _write_back(front.arena, block, layout, [f.result() for f in futures])
         except Exception as exc:
             _refuse(front, ident, exc, "writing a job's outputs back")
             return
@@ -326,24 +339,8 @@ class EngineHost:
     ) -> None:
         try:
             result = await self.engine.infer(permit, job)
-            logits = front.arena.logits(block, layout)
-            probs = front.arena.probs(block, layout)
-            maps = front.arena.rollouts(block, layout) if layout.rollout else []
-            waits = [0.0] * layout.images
-            for i, output in enumerate(result.outputs):
-                logits[i] = output.logits
-                probs[i] = output.probs
-                if layout.rollout and output.rollout is not None:
-                    maps[i][...] = output.rollout
-                waits[i] = output.queued_s
-            refused = []
-            for i, outcome in enumerate(result.decoded, start=len(result.outputs)):
-                if isinstance(outcome, Refused):
-                    refused.append([i, outcome.reason])
-                else:
-                    logits[i] = outcome.logits
-                    probs[i] = outcome.probs
-                    waits[i] = outcome.queued_s
+            outcomes = [*result.outputs, *result.decoded]  # the block's rows: patches first
+            waits, refused = _write_back(front.arena, block, layout, outcomes)
             front.send({"id": ident, "waits": waits, "refused": refused})
         except asyncio.CancelledError:
             front.send({"id": ident, "error": {"type": "", "message": "cancelled"}})

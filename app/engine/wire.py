@@ -109,7 +109,7 @@ class Link(asyncio.Protocol):
     def send(self, message: dict[str, Any]) -> None:
         if not self.open:
             return
-        self._out.append(msgpack.packb(message, use_bin_type=True))
+        self._out.append(pack(message))
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush)

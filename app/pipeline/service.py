@@ -174,15 +174,16 @@ class ClassifyService:
                 RolloutResult(heat.tolist(), rollout.head_fusion, rollout.discard_ratio, png)
                 for heat, png in zip(maps, pngs, strict=True)
             ]
+        shapes = [images.size_and_grid(i) for i in range(len(uploads))]
         results = [
             ImageResult(
                 predictions=top_k_of(output.probs, k, result.spec.labels),
-                image_size=images.size_and_grid(i)[0],
-                grid=images.size_and_grid(i)[1],
+                image_size=size,
+                grid=grid,
                 resize=resize,
                 rollout=rollout_result,
             )
-            for i, (output, rollout_result) in enumerate(zip(outputs, rollouts, strict=True))
+            for (size, grid), output, rollout_result in zip(shapes, outputs, rollouts, strict=True)
         ]
         done = time.perf_counter()
         return Classification(

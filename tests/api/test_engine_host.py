@@ -3,44 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import numpy as np
 import pytest
 
 from app.core.errors import BusyError
 from app.core.settings import Settings
-from app.engine import Engine, EngineHost, Job, RemoteEngine
+from app.engine import Job
 from app.main import load_engine
-from tests.support import TinyRepo
+from tests.support import TinyRepo, remote_of
 
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def linked(settings: Settings) -> AsyncIterator[tuple[Engine, RemoteEngine]]:
-    engine = load_engine(settings)
-    host = EngineHost(engine)
-    address = f"@vit-serve-test-host-{os.getpid()}-{time.monotonic_ns()}"
-    engine.start()
-    await host.start(address)
-    remote = RemoteEngine(address, 1 << 22)
-    try:
-        await remote.start(10.0)
-        yield engine, remote
-    finally:
-        await remote.stop()
-        await host.stop()
-        await engine.stop()
 
 
 async def test_a_reload_that_fails_unexpectedly_is_answered(
     tiny_repo: TinyRepo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with linked(Settings(model_repo=tiny_repo.root)) as (engine, remote):
+    engine = load_engine(Settings(model_repo=tiny_repo.root))
+    async with remote_of(engine) as remote:
 
         async def broken() -> None:
             raise KeyError("secret")
@@ -57,7 +38,7 @@ async def test_jobs_answered_together_each_get_their_outputs_and_their_places_ba
     settings = Settings(
         model_repo=tiny_repo.root, max_queue_images=3, max_batch_size=1, runtime_instances=1
     )
-    async with linked(settings) as (_, remote):
+    async with remote_of(load_engine(settings)) as remote:
         permits = [await remote.admit(None, None) for _ in range(4)]
         with pytest.raises(BusyError):
             await remote.admit(None, None)

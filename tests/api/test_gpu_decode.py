@@ -13,7 +13,7 @@ from app.core.settings import Settings
 from app.runtime.devicedecode import EncodedImage
 from app.runtime.hostdecode import HostDecoder
 from tests.images import encode, jpeg, smooth
-from tests.support import ODD_IMAGES, PHOTOS, TinyRepo, need_folder, serve
+from tests.support import ODD_IMAGES, PHOTOS, TinyRepo, need_folder, remote_of, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -160,10 +160,9 @@ async def test_encoded_images_cross_to_an_engine_process_and_refusals_come_back(
 ) -> None:
     """The engine's host and a front end's RemoteEngine over their Unix socket (one process
     here): the bytes the decoder gets are the upload's, and a refusal comes back as one."""
-    import os
     import time
 
-    from app.engine import EngineHost, Job, Refused, RemoteEngine
+    from app.engine import Job, Refused
     from app.main import load_engine
     from app.pipeline.routing import DecodeRouter
     from app.pipeline.workers import Upload
@@ -171,13 +170,7 @@ async def test_encoded_images_cross_to_an_engine_process_and_refusals_come_back(
     decoder = HostDecoder(lambda image: "no" if image.name == "'r.jpg'" else None)
     settings = Settings(model_repo=tiny_repo.root)
     engine = load_engine(settings, device_decoder=decoder)
-    host = EngineHost(engine)
-    address = f"@vit-serve-test-decode-{os.getpid()}"
-    engine.start()
-    await host.start(address)
-    remote = RemoteEngine(address, 1 << 22)
-    try:
-        await remote.start(10.0)
+    async with remote_of(engine) as remote:
         permit = await remote.admit(None, None)
         assert permit.served.device_decode
         router = DecodeRouter(settings)
@@ -192,10 +185,6 @@ async def test_encoded_images_cross_to_an_engine_process_and_refusals_come_back(
         local = await engine.infer(
             engine.admit_now(None, None), Job([], None, time.monotonic() + 10, encoded[:1])
         )
-    finally:
-        await remote.stop()
-        await host.stop()
-        await engine.stop()
     assert [image.data for image in decoder.seen[:2]] == [u.data for u in uploads]
     kept, refused = result.decoded
     assert refused == Refused("no")
